@@ -1,0 +1,233 @@
+"""Structured configuration: one dataclass per module, composed into a RunConfig.
+
+Resolution order: schema defaults < configs/env/<env>.yaml < configs/agent/<agent>.yaml < CLI
+dotlist. Unknown keys and wrong types raise OmegaConf errors that name the full key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class EnvConfig:
+    """Which gymnasium environment, and the names of its observation quantities."""
+
+    name: str = "pendulum"
+    id: str = "Pendulum-v1"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    max_episode_steps: int | None = None
+    # Names of the observation vector's entries; the world model's readout predicts them and the
+    # analytic cost terms read them. Empty: obs_0, obs_1, ...
+    observation_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PerceptionConfig:
+    latent_dim: int = 64
+    hidden_dim: int = 256
+    # "ema": target encoder is a slow average of the online one; "stopgrad": the online encoder,
+    # detached.
+    target: str = "ema"
+    target_tau: float = 0.01
+
+
+@dataclass
+class WorldModelConfig:
+    hidden_dim: int = 256
+    lr: float = 1e-3
+    batch_size: int = 256
+    rollout_horizon: int = 5  # steps of multi-step prediction in the JEPA loss
+    horizon_discount: float = 0.9  # weight of step k is horizon_discount**k
+    readout_weight: float = 1.0
+    variance_weight: float = 1.0
+    covariance_weight: float = 0.04
+    grad_clip: float = 10.0
+
+
+@dataclass
+class CostTermConfig:
+    """One hard-coded intrinsic-cost term.
+
+    kind: "analytic" (computed on any state from the readout) or "measured" (known only on real
+    transitions; the critic learns it). formula: a name in modules.cost.FORMULAS.
+    """
+
+    name: str = MISSING
+    formula: str = MISSING
+    kind: str = "analytic"
+    weight: float = 1.0
+    guardrail: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CostConfig:
+    terms: list[CostTermConfig] = field(default_factory=list)
+    discount: float = 0.99
+    critic_hidden_dim: int = 256
+    critic_lr: float = 3e-4
+    critic_tau: float = 0.01  # EMA rate of the critic's target network
+    value_weight: float = 1.0  # weight of the terminal value in the plan energy
+    grad_clip: float = 10.0
+
+
+@dataclass
+class MemoryConfig:
+    capacity: int = 100_000
+    recall_k: int = 8
+
+
+@dataclass
+class ActorConfig:
+    planner: str = "gradient"  # "gradient" or "mppi"
+    horizon: int = 20
+    iterations: int = 10
+    candidates: int = 32
+    lr: float = 0.1  # Adam step on the actions (gradient planner)
+    init_std: float = 0.5  # spread of fresh candidates around the warm start
+    exploration_std: float = 0.1  # Gaussian noise on executed actions while training
+    # MPPI
+    mppi_temperature: float = 0.5
+    mppi_elite: int = 64
+    mppi_min_std: float = 0.05
+    # Mode-1 policy
+    policy_hidden_dim: int = 256
+    policy_lr: float = 3e-4
+
+
+@dataclass
+class ConfiguratorConfig:
+    mode: str = "mode2"  # "mode2", "mode1", or "auto" (mode1 once the policy imitates well)
+    auto_mode1_error: float = 0.01  # imitation MSE below which "auto" hands over to mode1
+    # Non-guardrail weight overrides by term name; guardrails cannot be listed here.
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AgentConfig:
+    name: str = "ami"
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    configurator: ConfiguratorConfig = field(default_factory=ConfiguratorConfig)
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 3000
+    seed_steps: int = 500  # uniformly random actions before the agent acts
+    pretrain_updates: int = 500  # update rounds on the seed data before the agent first acts
+    update_every: int = 1  # env steps between update rounds
+    updates_per_round: int = 1
+    eval_every: int = 500
+    eval_episodes: int = 10
+    checkpoint_every: int = 1000
+    log_every: int = 100  # env steps between module-loss logs
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    runs_dir: str = "runs"
+    progress: bool = True
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value that the schema accepts but the framework cannot use."""
+
+
+def available(kind: str) -> list[str]:
+    """Names of the YAML variants under configs/<kind>/."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def _variant(kind: str, name: str) -> DictConfig:
+    path = CONFIG_DIR / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{kind}={name!r}: no such variant; expected one of {available(kind)}")
+    return OmegaConf.load(path)
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Resolve a RunConfig from `env=NAME agent=NAME key=value ...` overrides."""
+    overrides = list(overrides or [])
+    selection = {"env": "pendulum", "agent": "ami"}
+    rest = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        if key in selection:
+            selection[key] = value
+        else:
+            rest.append(item)
+    schema = OmegaConf.structured(RunConfig)
+    cfg = OmegaConf.merge(
+        schema,
+        _variant("env", selection["env"]),
+        _variant("agent", selection["agent"]),
+        OmegaConf.from_dotlist(rest),
+    )
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_saved(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Read a run's saved config.yaml back into the schema (with optional overrides)."""
+    schema = OmegaConf.structured(RunConfig)
+    cfg = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides or [])))
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value!r}: expected a positive number")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the schema cannot express: choices, ranges, and consistent cost terms."""
+    a = cfg.agent
+    _choice("agent.perception.target", a.perception.target, ("ema", "stopgrad"))
+    _choice("agent.actor.planner", a.actor.planner, ("gradient", "mppi"))
+    _choice("agent.configurator.mode", a.configurator.mode, ("mode1", "mode2", "auto"))
+    for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
+                "agent.actor.candidates", "agent.world_model.batch_size",
+                "agent.world_model.rollout_horizon", "agent.memory.capacity",
+                "train.total_steps", "train.eval_episodes", "train.update_every"):
+        _positive(key, OmegaConf.select(cfg, key))
+    if not 0 < a.cost.discount <= 1:
+        raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")
+    names = set()
+    for i, term in enumerate(a.cost.terms):
+        key = f"agent.cost.terms[{i}]"
+        _choice(f"{key}.kind", term.kind, ("analytic", "measured"))
+        if term.name in names:
+            raise ConfigError(f"{key}.name={term.name!r}: duplicate term name")
+        names.add(term.name)
+        if term.guardrail and term.kind != "analytic":
+            raise ConfigError(f"{key}.guardrail=True: guardrails must be analytic terms")
+    for name in a.configurator.weights:
+        if name not in names:
+            raise ConfigError(f"agent.configurator.weights.{name}: no cost term of that name; "
+                              f"expected one of {sorted(names)}")

@@ -1,0 +1,89 @@
+"""Evaluation: N episodes at once in a gymnasium vector env, planned as one batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from ami.agent import Agent
+from ami.config import EnvConfig
+from ami.envs import make_env, make_vector_env
+
+# Fixed start states for every run, so that scores of different seeds and agents compare.
+EVAL_SEED = 10_000
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    returns: np.ndarray  # (episodes,)
+    lengths: np.ndarray  # (episodes,)
+
+    @property
+    def mean(self) -> float:
+        return float(self.returns.mean())
+
+    @property
+    def std(self) -> float:
+        return float(self.returns.std())
+
+
+def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int = EVAL_SEED) -> EvalResult:
+    """First episode of each of `episodes` sub-envs, seeded seed, seed + 1, ...; no exploration.
+
+    The agent's warm-start state is set aside and restored, so evaluation leaves training as it was.
+    """
+    envs = make_vector_env(env_config, episodes)
+    # Only each sub-env's first episode counts; once done, a sub-env's later steps are ignored, which
+    # is right whether it autoresets on the next step or the same one.
+    if envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.DISABLED:
+        raise ValueError("evaluate needs a vector env that autoresets; got autoreset_mode=DISABLED")
+    saved = agent.actor.previous
+    agent.actor.reset()
+    generator = torch.Generator().manual_seed(seed)
+    returns = np.zeros(episodes)
+    lengths = np.zeros(episodes, dtype=np.int64)
+    done = np.zeros(episodes, dtype=bool)
+    try:
+        obs, _ = envs.reset(seed=seed)
+        while not done.all():
+            actions, *_ = agent.act(obs, explore=False, generator=generator)
+            obs, reward, terminated, truncated, _ = envs.step(actions)
+            returns += np.where(done, 0.0, reward)
+            lengths += ~done
+            done |= terminated | truncated
+    finally:
+        envs.close()
+        agent.actor.previous = saved
+    return EvalResult(returns, lengths)
+
+
+def record_video(agent: Agent, env_config: EnvConfig, path: str | Path, seed: int = EVAL_SEED,
+                 fps: int = 30) -> float:
+    """Render one evaluation episode to an mp4 at `path`; returns its return."""
+    import imageio.v2 as imageio
+
+    env = make_env(env_config, render_mode="rgb_array")
+    saved = agent.actor.previous
+    agent.actor.reset()
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    try:
+        obs, _ = env.reset(seed=seed)
+        frames = [env.render()]
+        done = False
+        while not done:
+            action, *_ = agent.act(obs[None], explore=False, generator=generator)
+            obs, reward, terminated, truncated, _ = env.step(action[0])
+            frames.append(env.render())
+            total += float(reward)
+            done = terminated or truncated
+    finally:
+        env.close()
+        agent.actor.previous = saved
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(str(path), frames, fps=fps, macro_block_size=1)
+    return total

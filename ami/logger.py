@@ -1,0 +1,51 @@
+"""TensorBoard logging with the tag namespaces of DESIGN.md; the x-axis is the global env step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+
+class Logger:
+    """purge_step: on resume, events at or after this step from the interrupted run are dropped,
+    so the resumed curves continue the old ones without overlap."""
+
+    def __init__(self, run_dir: str | Path, purge_step: int | None = None) -> None:
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        self.writer.add_scalar(tag, float(value), step)
+
+    def scalars(self, values: dict[str, Any], step: int) -> None:
+        """Floats become scalars; a vector becomes one scalar per entry and a histogram."""
+        for tag, value in values.items():
+            if isinstance(value, torch.Tensor) and value.numel() > 1:
+                if tag.endswith("by_horizon"):
+                    base = tag.removesuffix("_by_horizon")
+                    for k, v in enumerate(value.tolist(), start=1):
+                        self.scalar(f"{base}/h{k}", v, step)
+                else:
+                    for i, v in enumerate(value.tolist()):
+                        self.scalar(f"{tag}/dim_{i:02d}", v, step)
+                    self.writer.add_histogram(tag, value, step)
+                    self.scalar(f"{tag}_min", value.min().item(), step)
+                    self.scalar(f"{tag}_mean", value.mean().item(), step)
+            else:
+                self.scalar(tag, float(value), step)
+
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Hyperparameters in this run's own directory (add_hparams would make a sub-run)."""
+        experiment, session_start, session_end = hparams(params, metrics)
+        for summary in (experiment, session_start, session_end):
+            self.writer.file_writer.add_summary(summary)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

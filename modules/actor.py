@@ -1,0 +1,228 @@
+"""Actor: Mode-2 planning by gradient descent on the plan energy, Mode-1 policy, and MPPI.
+
+Every planner takes an energy function, energy_fn(state (B, D), actions (H, B, A)) ->
+(energy (B,), states (H + 1, B, D)), so the same planner runs on a learned world model or on a
+hand-written one. Actions live in [-1, 1]; the environment wrapper maps them to its bounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ami.config import ActorConfig
+from ami.messages import Percept, Plan, Task
+from modules.cost import IntrinsicCost, TrainableCritic, discount_weights
+from modules.perception import mlp
+from modules.world_model import WorldModel
+
+EnergyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class PlanEnergy:
+    """Energy of action sequences through the world model, the intrinsic cost and the critic.
+
+    E = sum_t gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)] + w_v gamma^H TC_value(s_H)
+    """
+
+    def __init__(self, world_model: WorldModel, intrinsic_cost: IntrinsicCost,
+                 critic: TrainableCritic, discount: float, value_weight: float) -> None:
+        self.world_model = world_model
+        self.intrinsic_cost = intrinsic_cost
+        self.critic = critic
+        self.discount = discount
+        self.value_weight = value_weight
+
+    def bind(self, weights: torch.Tensor) -> EnergyFn:
+        """An energy function for one task's weights: (T,)."""
+        analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
+        use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
+
+        def energy(state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            horizon = actions.shape[0]
+            states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
+            terms = self.intrinsic_cost.analytic_terms(self.world_model.readout(states[:-1]), actions)
+            step_cost = (terms * analytic).sum(-1)  # (H, B)
+            if use_step_head:
+                step_cost = step_cost + self.critic.step_cost(states[:-1], actions)
+            gammas = discount_weights(horizon + 1, self.discount, state.device)
+            energy = (gammas[:-1, None] * step_cost).sum(0)
+            if self.value_weight:
+                energy = energy + self.value_weight * gammas[-1] * self.critic.value(states[-1])
+            return energy, states
+
+        return energy
+
+
+def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Tensor,
+               batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """candidates: (H, B*N, A), energy: (B*N,), states: (H+1, B*N, D) -> best per env."""
+    per_env = energy.view(batch, -1)
+    best = per_env.argmin(1) + torch.arange(batch, device=energy.device) * per_env.shape[1]
+    return candidates[:, best], energy[best], states[:, best]
+
+
+class GradientPlanner:
+    """Mode-2: N action sequences per environment optimised jointly with Adam through energy_fn.
+
+    Candidate 0 is the warm start (previous plan shifted by one step), candidate 1 the Mode-1
+    proposal when given; the rest are the warm start plus Gaussian noise. Projection onto [-1, 1]
+    after each step keeps actions in bounds without the vanishing gradients of a squashing function.
+    """
+
+    def __init__(self, config: ActorConfig) -> None:
+        self.config = config
+
+    def initial_candidates(self, batch: int, horizon: int, action_dim: int, device: torch.device,
+                           warm_start: torch.Tensor | None, proposal: torch.Tensor | None,
+                           generator: torch.Generator | None) -> torch.Tensor:
+        """-> (H, B, N, A)."""
+        n = self.config.candidates
+        base = torch.zeros(horizon, batch, 1, action_dim, device=device) if warm_start is None \
+            else warm_start[:, :, None]
+        noise = torch.randn(horizon, batch, n, action_dim, generator=generator).to(device)
+        candidates = (base + self.config.init_std * noise).clamp(-1.0, 1.0)
+        candidates[:, :, 0] = base[:, :, 0]
+        if proposal is not None and n > 1:
+            candidates[:, :, 1] = proposal
+        return candidates
+
+    def plan(self, state: torch.Tensor, energy_fn: EnergyFn, horizon: int, iterations: int,
+             action_dim: int, warm_start: torch.Tensor | None = None,
+             proposal: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Plan:
+        """state: (B, D); warm_start, proposal: (H, B, A) -> Plan."""
+        start = time.perf_counter()
+        batch, n = state.shape[0], self.config.candidates
+        init = self.initial_candidates(batch, horizon, action_dim, state.device, warm_start,
+                                       proposal, generator)
+        actions = init.flatten(1, 2).clone().requires_grad_(True)  # (H, B*N, A)
+        states_in = state.detach().repeat_interleave(n, dim=0)  # (B*N, D)
+        optimiser = torch.optim.Adam([actions], lr=self.config.lr)
+        energy_before = None
+        for _ in range(iterations):
+            energy, _ = energy_fn(states_in, actions)
+            if energy_before is None:
+                energy_before = energy.detach().view(batch, n).min(1).values
+            (grad,) = torch.autograd.grad(energy.sum(), actions)
+            actions.grad = grad
+            optimiser.step()
+            with torch.no_grad():
+                actions.clamp_(-1.0, 1.0)
+        with torch.no_grad():
+            energy, states = energy_fn(states_in, actions)
+            if energy_before is None:
+                energy_before = energy.view(batch, n).min(1).values
+            best_actions, best_energy, best_states = _pick_best(actions.detach(), energy, states, batch)
+        return Plan(best_actions, energy_before, best_energy, best_states,
+                    actions.detach().view(horizon, batch, n, action_dim), energy.view(batch, n),
+                    time.perf_counter() - start, "mode2")
+
+
+class MPPIPlanner:
+    """Sampling-based planner (MPPI): the same interface as GradientPlanner, for comparison."""
+
+    def __init__(self, config: ActorConfig) -> None:
+        self.config = config
+
+    @torch.no_grad()
+    def plan(self, state: torch.Tensor, energy_fn: EnergyFn, horizon: int, iterations: int,
+             action_dim: int, warm_start: torch.Tensor | None = None,
+             proposal: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Plan:
+        cfg = self.config
+        start = time.perf_counter()
+        batch, n = state.shape[0], cfg.candidates
+        elite = min(cfg.mppi_elite, n)
+        mean = torch.zeros(horizon, batch, action_dim, device=state.device) if warm_start is None \
+            else warm_start.clone()
+        std = torch.full_like(mean, 2 * cfg.init_std)
+        states_in = state.repeat_interleave(n, dim=0)
+        energy_before = None
+        for _ in range(max(iterations, 1)):
+            noise = torch.randn(horizon, batch, n, action_dim, generator=generator).to(state.device)
+            samples = (mean[:, :, None] + std[:, :, None] * noise).clamp(-1.0, 1.0)
+            samples[:, :, 0] = mean
+            if proposal is not None and n > 1:
+                samples[:, :, 1] = proposal
+            energy, _ = energy_fn(states_in, samples.flatten(1, 2))
+            energy = energy.view(batch, n)
+            if energy_before is None:
+                energy_before = energy.min(1).values
+            elite_energy, elite_idx = energy.topk(elite, dim=1, largest=False)  # (B, E)
+            weights = torch.softmax(-(elite_energy - elite_energy[:, :1]) / cfg.mppi_temperature, 1)
+            gather = elite_idx[None, :, :, None].expand(horizon, batch, elite, action_dim)
+            elites = samples.gather(2, gather)  # (H, B, E, A)
+            w = weights[None, :, :, None]
+            mean = (w * elites).sum(2)
+            std = ((w * (elites - mean[:, :, None]) ** 2).sum(2)).sqrt().clamp(cfg.mppi_min_std, 2.0)
+        final_energy, final_states = energy_fn(state, mean)
+        return Plan(mean, energy_before, final_energy, final_states, samples, energy,
+                    time.perf_counter() - start, "mode2")
+
+
+class Policy(nn.Module):
+    """Mode-1: a reactive policy, state (B, D) -> action (B, A) in [-1, 1], imitating Mode-2 plans."""
+
+    def __init__(self, latent_dim: int, action_dim: int, config: ActorConfig) -> None:
+        super().__init__()
+        self.net = mlp(latent_dim, config.policy_hidden_dim, action_dim)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(state))
+
+    @torch.no_grad()
+    def propose(self, state: torch.Tensor, world_model: WorldModel, horizon: int) -> torch.Tensor:
+        """Roll the policy through the world model: state (B, D) -> actions (H, B, A)."""
+        actions = []
+        for _ in range(horizon):
+            actions.append(self(state))
+            state = world_model.step(state, actions[-1])
+        return torch.stack(actions)
+
+
+class Actor:
+    """Chooses actions for a batch of environments, keeping each one's previous plan as warm start."""
+
+    def __init__(self, policy: Policy, energy: PlanEnergy, action_dim: int, config: ActorConfig) -> None:
+        self.config = config
+        self.policy = policy
+        self.energy = energy
+        self.action_dim = action_dim
+        self.planner = GradientPlanner(config) if config.planner == "gradient" else MPPIPlanner(config)
+        self.previous: torch.Tensor | None = None  # (H, B, A)
+
+    def reset(self, done: torch.Tensor | None = None) -> None:
+        """Forget warm starts: all of them, or where done: (B,) is True."""
+        if done is None or self.previous is None:
+            self.previous = None
+        else:
+            self.previous[:, done.to(self.previous.device)] = 0.0
+
+    def warm_start(self, batch: int, horizon: int) -> torch.Tensor | None:
+        prev = self.previous
+        if prev is None or prev.shape[1] != batch:
+            return None
+        shifted = torch.cat([prev[1:], prev[-1:]], dim=0)
+        if shifted.shape[0] < horizon:
+            shifted = torch.cat([shifted, shifted[-1:].expand(horizon - shifted.shape[0], -1, -1)])
+        return shifted[:horizon]
+
+    def act(self, percept: Percept, task: Task, weights: torch.Tensor,
+            generator: torch.Generator | None = None) -> Plan:
+        """percept.state: (B, D) -> Plan with actions (H, B, A)."""
+        state = percept.state.detach()
+        energy_fn = self.energy.bind(weights)
+        proposal = self.policy.propose(state, self.energy.world_model, task.horizon)
+        if task.mode == "mode1":
+            start = time.perf_counter()
+            with torch.no_grad():
+                energy, states = energy_fn(state, proposal)
+            plan = Plan(proposal, energy, energy, states, proposal[:, :, None], energy[:, None],
+                        time.perf_counter() - start, "mode1")
+        else:
+            plan = self.planner.plan(state, energy_fn, task.horizon, task.iterations, self.action_dim,
+                                     self.warm_start(state.shape[0], task.horizon), proposal, generator)
+        self.previous = plan.actions
+        return plan

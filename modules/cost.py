@@ -1,0 +1,227 @@
+"""Cost: the immutable intrinsic cost (IC) and the trainable critic (TC).
+
+Energy of a plan = sum_t gamma^t [IC(s_t, a_t) + TC_step(s_t, a_t)] + gamma^H TC_value(s_H).
+IC is a weighted sum of hard-coded terms. Analytic terms are formulas on named observation
+quantities, so they apply to imagined states through the world model's readout. Measured terms
+(the env reward, info["cost"]) exist only on real transitions; TC_step learns to predict them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ami.config import CostConfig, CostTermConfig
+from modules.perception import mlp
+
+
+class GuardrailError(RuntimeError):
+    """Raised on any attempt to change a guardrail term or its weight."""
+
+
+class Quantities:
+    """Named view of a readout tensor: q["theta_dot"] -> (...,)."""
+
+    def __init__(self, values: torch.Tensor, names: tuple[str, ...]) -> None:
+        self.values = values
+        self.index = {name: i for i, name in enumerate(names)}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[..., self.index[name]]
+
+
+# Analytic formulas: (quantities, actions (..., A) in [-1, 1], params) -> (...,)
+AnalyticFormula = Callable[[Quantities, torch.Tensor, Mapping[str, Any]], torch.Tensor]
+
+
+def _pendulum(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """Pendulum-v1's own cost: theta^2 + 0.1 theta_dot^2 + 0.001 torque^2."""
+    theta = torch.atan2(q["sin_theta"], q["cos_theta"])
+    torque = float(p.get("max_torque", 2.0)) * action[..., 0]
+    return theta**2 + 0.1 * q["theta_dot"] ** 2 + 0.001 * torque**2
+
+
+def _effort(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    return action.pow(2).sum(-1)
+
+
+def _abs_bound(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """Squared excess of |quantity| over limit: zero inside the bound."""
+    return torch.relu(q[p["quantity"]].abs() - float(p["limit"])).pow(2)
+
+
+def _squared_error(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    return (q[p["quantity"]] - float(p.get("target", 0.0))).pow(2)
+
+
+FORMULAS: dict[str, AnalyticFormula] = {
+    "pendulum": _pendulum,
+    "effort": _effort,
+    "abs_bound": _abs_bound,
+    "squared_error": _squared_error,
+}
+
+# Measured formulas: (reward, info, params) -> float, on real transitions only.
+MEASURED: dict[str, Callable[[float, Mapping[str, Any], Mapping[str, Any]], float]] = {
+    "env_reward": lambda reward, info, p: -float(reward) * float(p.get("scale", 1.0)),
+    "info_cost": lambda reward, info, p: float(info.get(p.get("key", "cost"), 0.0)),
+}
+
+
+class IntrinsicCost:
+    """Hard-wired, immutable cost. Holds no parameters and sits in no optimiser.
+
+    Guardrail weights are fixed here at construction; callers may pass weights only for the other
+    terms, and naming a guardrail raises GuardrailError.
+    """
+
+    __slots__ = ("_terms", "_names", "_quantity_names", "_weights", "_guardrails", "_frozen")
+
+    def __init__(self, terms: list[CostTermConfig], observation_names: list[str]) -> None:
+        for term in terms:
+            table = FORMULAS if term.kind == "analytic" else MEASURED
+            if term.formula not in table:
+                raise KeyError(f"cost term {term.name!r}: formula={term.formula!r} is not a "
+                               f"{term.kind} formula; expected one of {sorted(table)}")
+            quantity = term.params.get("quantity")
+            if quantity is not None and quantity not in observation_names:
+                raise KeyError(f"cost term {term.name!r}: params.quantity={quantity!r}; "
+                               f"expected one of {observation_names}")
+        self._terms = tuple(
+            (t.name, t.formula, t.kind, bool(t.guardrail), MappingProxyType(dict(t.params)))
+            for t in terms)
+        self._names = tuple(t.name for t in terms)
+        self._quantity_names = tuple(observation_names)
+        self._weights = MappingProxyType({t.name: float(t.weight) for t in terms})
+        self._guardrails = frozenset(t.name for t in terms if t.guardrail)
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise GuardrailError(f"IntrinsicCost is immutable: cannot set {name!r}")
+        object.__setattr__(self, name, value)
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def guardrail_names(self) -> frozenset[str]:
+        return self._guardrails
+
+    @property
+    def default_weights(self) -> Mapping[str, float]:
+        return self._weights
+
+    def describe(self) -> list[tuple[str, str, str, bool, float]]:
+        """(name, formula, kind, guardrail, weight) per term: what checkpoints compare."""
+        return [(n, f, k, g, self._weights[n]) for n, f, k, g, _ in self._terms]
+
+    def weight_vector(self, overrides: Mapping[str, float] | None = None) -> torch.Tensor:
+        """(T,) weights: defaults, overridden for non-guardrail terms only."""
+        overrides = dict(overrides or {})
+        for name in overrides:
+            if name in self._guardrails:
+                raise GuardrailError(f"cost term {name!r} is a guardrail: its weight is fixed at "
+                                     f"{self._weights[name]} and cannot be set")
+            if name not in self._weights:
+                raise KeyError(f"no cost term {name!r}; expected one of {list(self._names)}")
+        return torch.tensor([overrides.get(n, self._weights[n]) for n in self._names])
+
+    def mask(self, kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(T,) 1.0 where a term is of `kind` ("analytic" or "measured")."""
+        return torch.tensor([float(k == kind) for _, _, k, _, _ in self._terms], device=device)
+
+    def analytic_terms(self, quantities: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """quantities: (..., Q), actions: (..., A) -> raw terms (..., T); measured terms are 0."""
+        q = Quantities(quantities, self._quantity_names)
+        zeros = quantities.new_zeros(quantities.shape[:-1])
+        values = [FORMULAS[f](q, actions, p) if k == "analytic" else zeros
+                  for _, f, k, _, p in self._terms]
+        return torch.stack(values, dim=-1)
+
+    def real_terms(self, obs: torch.Tensor, action: torch.Tensor, reward: float,
+                   info: Mapping[str, Any]) -> torch.Tensor:
+        """A real transition's raw terms (T,): analytic ones on the true observation quantities."""
+        terms = self.analytic_terms(obs.float(), action.float())
+        for i, (_, formula, kind, _, params) in enumerate(self._terms):
+            if kind == "measured":
+                terms[i] = MEASURED[formula](reward, info, params)
+        return terms
+
+    def guardrail_violation(self, quantities: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(...,) summed raw guardrail terms; zero where every guardrail holds."""
+        terms = self.analytic_terms(quantities, actions)
+        mask = torch.tensor([float(n in self._guardrails) for n in self._names], device=terms.device)
+        return (terms * mask).sum(-1)
+
+
+def value_targets(costs: torch.Tensor, terminated: torch.Tensor, bootstrap: torch.Tensor,
+                  discount: float) -> torch.Tensor:
+    """Discounted cost-to-go for every step of a sequence.
+
+    costs, terminated: (L, B); bootstrap: (B,) value of the state after the last step.
+    G_t = c_t + discount * (1 - terminated_t) * G_{t+1}, with G_L = bootstrap. A truncated episode
+    is not terminated: its last state still has a future, so the bootstrap applies.
+    """
+    returns = torch.empty_like(costs)
+    future = bootstrap
+    for t in range(costs.shape[0] - 1, -1, -1):
+        future = costs[t] + discount * (1.0 - terminated[t].float()) * future
+        returns[t] = future
+    return returns
+
+
+class TrainableCritic(nn.Module):
+    """TC: value(s) -> discounted future IC; step(s, a) -> the measured IC terms of one step."""
+
+    def __init__(self, latent_dim: int, action_dim: int, config: CostConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.value_head = mlp(latent_dim, config.critic_hidden_dim, 1)
+        self.step_head = mlp(latent_dim + action_dim, config.critic_hidden_dim, 1)
+        self.target_value_head = copy.deepcopy(self.value_head).requires_grad_(False)
+
+    def value(self, states: torch.Tensor) -> torch.Tensor:
+        """states: (..., D) -> (...,)."""
+        return self.value_head(states).squeeze(-1)
+
+    def step_cost(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """states: (..., D), actions: (..., A) -> (...,)."""
+        return self.step_head(torch.cat([states, actions], dim=-1)).squeeze(-1)
+
+    def loss(self, states: torch.Tensor, actions: torch.Tensor, total_costs: torch.Tensor,
+             measured_costs: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """states: (L + 1, B, D) detached latents; actions: (L, B, A); costs, terminated: (L, B)."""
+        with torch.no_grad():
+            bootstrap = self.target_value_head(states[-1]).squeeze(-1)
+            targets = value_targets(total_costs, terminated, bootstrap, self.config.discount)
+        value_loss = (self.value(states[:-1]) - targets).pow(2).mean()
+        step_loss = (self.step_cost(states[:-1], actions) - measured_costs).pow(2).mean()
+        stats = {"value_loss": value_loss.item(), "step_loss": step_loss.item(),
+                 "value_mean": targets.mean().item()}
+        return value_loss + step_loss, stats
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        for target, online in zip(self.target_value_head.parameters(), self.value_head.parameters(), strict=True):
+            target.lerp_(online, self.config.critic_tau)
+
+
+def discount_weights(horizon: int, discount: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H,) gamma^t."""
+    return torch.tensor([math.pow(discount, t) for t in range(horizon)], device=device)
+
+
+class Cost:
+    """The cost module as the agent sees it: the immutable IC beside the trainable TC."""
+
+    def __init__(self, intrinsic: IntrinsicCost, critic: TrainableCritic) -> None:
+        self.intrinsic = intrinsic
+        self.critic = critic

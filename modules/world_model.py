@@ -1,0 +1,99 @@
+"""World model: an action-conditioned predictor in latent space, trained JEPA-style.
+
+It predicts the target encoder's embedding of future observations over several steps, reads named
+observation quantities out of any latent (real or imagined) for the analytic cost terms, and is kept
+from collapsing by a VICReg variance + covariance regulariser on the encoder's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ami.config import WorldModelConfig
+from modules.perception import Perception, mlp
+
+
+@dataclass(frozen=True)
+class WorldModelLosses:
+    """total: scalar to minimise. prediction_by_horizon: (K,) latent MSE at steps 1..K.
+    latent_std: (D,) per-dimension std of the encoder's output over the batch."""
+
+    total: torch.Tensor
+    prediction: torch.Tensor
+    prediction_by_horizon: torch.Tensor
+    readout: torch.Tensor
+    variance: torch.Tensor
+    covariance: torch.Tensor
+    latent_std: torch.Tensor
+
+
+def variance_covariance(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VICReg's anti-collapse terms on z: (M, D).
+
+    Returns (variance hinge: mean over dims of relu(1 - std), covariance: sum of squared
+    off-diagonal covariances / D, std: (D,)).
+    """
+    z = z - z.mean(0)
+    std = (z.var(0) + 1e-4).sqrt()
+    variance = torch.relu(1.0 - std).mean()
+    dim = z.shape[1]
+    cov = (z.T @ z) / max(z.shape[0] - 1, 1)
+    off_diagonal = cov - torch.diag(torch.diag(cov))
+    covariance = off_diagonal.pow(2).sum() / dim
+    return variance, covariance, std
+
+
+class WorldModel(nn.Module):
+    """s[t+1] = s[t] + predictor(s[t], a[t]); readout(s) -> named observation quantities.
+
+    latent_dim D, action_dim A, readout_dim Q (the length of observation_names).
+    """
+
+    def __init__(self, latent_dim: int, action_dim: int, observation_names: list[str],
+                 config: WorldModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.latent_dim = latent_dim
+        self.action_dim = action_dim
+        self.observation_names = list(observation_names)
+        self.predictor = mlp(latent_dim + action_dim, config.hidden_dim, latent_dim)
+        self.readout_head = mlp(latent_dim, config.hidden_dim, len(self.observation_names))
+
+    def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """state: (B, D), action: (B, A) in [-1, 1] -> next state (B, D)."""
+        return state + self.predictor(torch.cat([state, action], dim=-1))
+
+    def rollout(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """state: (B, D), actions: (H, B, A) -> states (H + 1, B, D), the first being `state`."""
+        states = [state]
+        for action in actions:
+            states.append(self.step(states[-1], action))
+        return torch.stack(states)
+
+    def readout(self, states: torch.Tensor) -> torch.Tensor:
+        """states: (..., D) -> quantities (..., Q), in the observation's own units."""
+        return self.readout_head(states)
+
+    def loss(self, perception: Perception, obs: torch.Tensor, actions: torch.Tensor) -> WorldModelLosses:
+        """obs: (K + 1, B, obs_dim) contiguous, within one episode; actions: (K, B, A)."""
+        cfg = self.config
+        horizon = actions.shape[0]
+        online = perception(obs.flatten(0, 1)).view(*obs.shape[:2], -1)  # (K + 1, B, D)
+        targets = perception.target(obs[1:])  # (K, B, D)
+        predicted = self.rollout(online[0], actions)  # (K + 1, B, D)
+        by_horizon = (predicted[1:] - targets).pow(2).mean(dim=(1, 2))  # (K,)
+        weights = cfg.horizon_discount ** torch.arange(horizon, device=obs.device, dtype=obs.dtype)
+        prediction = (weights * by_horizon).sum() / weights.sum()
+        # Readout on the encoder's state and on every imagined one, scaled per quantity so that no
+        # observation unit dominates.
+        scale = perception.normalizer.std if perception.normalizer.count >= 2 else torch.ones_like(obs[0, 0])
+        readout_error = (self.readout(predicted) - obs) / scale
+        readout = readout_error.pow(2).mean()
+        variance, covariance, std = variance_covariance(online.flatten(0, 1))
+        total = (prediction + cfg.readout_weight * readout + cfg.variance_weight * variance
+                 + cfg.covariance_weight * covariance)
+        return WorldModelLosses(total, prediction.detach(), by_horizon.detach(), readout.detach(),
+                                variance.detach(), covariance.detach(), std.detach())
