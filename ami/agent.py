@@ -47,8 +47,9 @@ class Agent:
         plan = self.actor.act(percept, task, weights, generator)
         action = plan.actions[0].detach().cpu()
         if explore and self.exploration_std > 0:
-            noise = torch.randn(action.shape, generator=generator)
-            action = (action + self.exploration_std * noise).clamp(-1.0, 1.0)
+            action = action + self.exploration_std * torch.randn(action.shape, generator=generator)
+        # Whatever the planner produced, what leaves the agent is finite and in bounds.
+        action = torch.nan_to_num(action, nan=0.0).clamp(-1.0, 1.0)
         return action.numpy(), percept, task, plan
 
     def observe(self, step: int, episode: int, obs: np.ndarray, action: np.ndarray, reward: float,

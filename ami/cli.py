@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ami.config import ConfigError, available, load_config, load_saved
+from modules.cost import GuardrailError
 
 EXIT_USAGE = 2
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _train(args) if args.command == "train" else _eval(args)
-    except (OmegaConfBaseException, ConfigError) as error:
+    except (OmegaConfBaseException, ConfigError, GuardrailError) as error:
         print(f"ami: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except FileNotFoundError as error:

@@ -31,7 +31,7 @@ class EnvConfig:
 @dataclass
 class PerceptionConfig:
     latent_dim: int = 64
-    hidden_dim: int = 256
+    hidden_dim: int = 128
     # "ema": target encoder is a slow average of the online one; "stopgrad": the online encoder,
     # detached.
     target: str = "ema"
@@ -40,7 +40,7 @@ class PerceptionConfig:
 
 @dataclass
 class WorldModelConfig:
-    hidden_dim: int = 256
+    hidden_dim: int = 128
     lr: float = 1e-3
     batch_size: int = 256
     rollout_horizon: int = 5  # steps of multi-step prediction in the JEPA loss
@@ -71,7 +71,7 @@ class CostTermConfig:
 class CostConfig:
     terms: list[CostTermConfig] = field(default_factory=list)
     discount: float = 0.99
-    critic_hidden_dim: int = 256
+    critic_hidden_dim: int = 128
     critic_lr: float = 3e-4
     critic_tau: float = 0.01  # EMA rate of the critic's target network
     value_weight: float = 1.0  # weight of the terminal value in the plan energy
@@ -88,8 +88,8 @@ class MemoryConfig:
 class ActorConfig:
     planner: str = "gradient"  # "gradient" or "mppi"
     horizon: int = 20
-    iterations: int = 10
-    candidates: int = 32
+    iterations: int = 5
+    candidates: int = 16
     lr: float = 0.1  # Adam step on the actions (gradient planner)
     init_std: float = 0.5  # spread of fresh candidates around the warm start
     exploration_std: float = 0.1  # Gaussian noise on executed actions while training
@@ -98,7 +98,7 @@ class ActorConfig:
     mppi_elite: int = 64
     mppi_min_std: float = 0.05
     # Mode-1 policy
-    policy_hidden_dim: int = 256
+    policy_hidden_dim: int = 128
     policy_lr: float = 3e-4
 
 
@@ -138,6 +138,9 @@ class TrainConfig:
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # torch CPU threads. 1 is fastest for these small networks (several threads spin against each
+    # other and against parallel runs); 0 keeps torch's default.
+    threads: int = 1
     runs_dir: str = "runs"
     progress: bool = True
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -218,7 +221,7 @@ def validate(cfg: DictConfig) -> None:
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:
         raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")
-    names = set()
+    names, guardrails = set(), set()
     for i, term in enumerate(a.cost.terms):
         key = f"agent.cost.terms[{i}]"
         _choice(f"{key}.kind", term.kind, ("analytic", "measured"))
@@ -227,7 +230,12 @@ def validate(cfg: DictConfig) -> None:
         names.add(term.name)
         if term.guardrail and term.kind != "analytic":
             raise ConfigError(f"{key}.guardrail=True: guardrails must be analytic terms")
+        if term.guardrail:
+            guardrails.add(term.name)
     for name in a.configurator.weights:
         if name not in names:
             raise ConfigError(f"agent.configurator.weights.{name}: no cost term of that name; "
                               f"expected one of {sorted(names)}")
+        if name in guardrails:
+            raise ConfigError(f"agent.configurator.weights.{name}: {name!r} is a guardrail; its weight "
+                              "is fixed and the configurator cannot set it")

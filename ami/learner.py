@@ -36,7 +36,9 @@ class Learner:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in optimiser.param_groups for p in group["params"]]
-        return float(nn.utils.clip_grad_norm_(params, clip))
+        norm = float(nn.utils.clip_grad_norm_(params, clip))
+        optimiser.step()
+        return norm
 
     def update(self) -> dict[str, float | torch.Tensor]:
         agent, cfg = self.agent, self.config

@@ -45,6 +45,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.env = make_env(cfg.env)
         obs_dim, action_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]

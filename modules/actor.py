@@ -60,6 +60,8 @@ class PlanEnergy:
 def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Tensor,
                batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """candidates: (H, B*N, A), energy: (B*N,), states: (H+1, B*N, D) -> best per env."""
+    # A non-finite energy (a diverged imagined state) must never win.
+    energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
     per_env = energy.view(batch, -1)
     best = per_env.argmin(1) + torch.arange(batch, device=energy.device) * per_env.shape[1]
     return candidates[:, best], energy[best], states[:, best]
@@ -107,7 +109,7 @@ class GradientPlanner:
             if energy_before is None:
                 energy_before = energy.detach().view(batch, n).min(1).values
             (grad,) = torch.autograd.grad(energy.sum(), actions)
-            actions.grad = grad
+            actions.grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             optimiser.step()
             with torch.no_grad():
                 actions.clamp_(-1.0, 1.0)
@@ -147,7 +149,7 @@ class MPPIPlanner:
             if proposal is not None and n > 1:
                 samples[:, :, 1] = proposal
             energy, _ = energy_fn(states_in, samples.flatten(1, 2))
-            energy = energy.view(batch, n)
+            energy = torch.nan_to_num(energy.view(batch, n), nan=1e30, posinf=1e30)
             if energy_before is None:
                 energy_before = energy.min(1).values
             elite_energy, elite_idx = energy.topk(elite, dim=1, largest=False)  # (B, E)
@@ -224,5 +226,8 @@ class Actor:
         else:
             plan = self.planner.plan(state, energy_fn, task.horizon, task.iterations, self.action_dim,
                                      self.warm_start(state.shape[0], task.horizon), proposal, generator)
-        self.previous = plan.actions
+        if torch.isfinite(plan.actions).all():
+            self.previous = plan.actions
+        else:  # never warm-start from a broken plan; the agent sends a safe action instead
+            self.previous = None
         return plan

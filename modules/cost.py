@@ -107,6 +107,9 @@ class IntrinsicCost:
             raise GuardrailError(f"IntrinsicCost is immutable: cannot set {name!r}")
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name: str) -> None:
+        raise GuardrailError(f"IntrinsicCost is immutable: cannot delete {name!r}")
+
     @property
     def term_names(self) -> tuple[str, ...]:
         return self._names

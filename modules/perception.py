@@ -11,11 +11,11 @@ from ami.config import PerceptionConfig
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """Linear-LayerNorm-Mish blocks, then a linear output. LayerNorm keeps planning gradients tame."""
+    """Linear-LayerNorm-SiLU blocks, then a linear output. LayerNorm keeps planning gradients tame."""
     blocks: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers):
-        blocks += [nn.Linear(dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish()]
+        blocks += [nn.Linear(dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU()]
         dim = hidden_dim
     blocks.append(nn.Linear(dim, out_dim))
     return nn.Sequential(*blocks)
@@ -53,9 +53,11 @@ class RunningNorm(nn.Module):
         return (var + self.eps).sqrt().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.count < 2:
-            return x
-        return ((x - self.mean.float()) / self.std).clamp(-10.0, 10.0)
+        # Clamped even before statistics exist: one wild observation must not overflow the encoder.
+        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)
+        if self.count >= 2:
+            x = (x - self.mean.float()) / self.std
+        return x.clamp(-10.0, 10.0)
 
 
 class Perception(nn.Module):

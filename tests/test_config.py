@@ -1,0 +1,88 @@
+"""Configuration errors name what is wrong, in load_config and on the command line (exit status 2)."""
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf.errors import OmegaConfBaseException
+
+from ami.cli import main
+from ami.config import ConfigError, load_config
+from modules.cost import GuardrailError
+
+BAD_OVERRIDES = [
+    # (override, what the message must name)
+    ("agent.actor.horizonn=3", "agent.actor.horizonn"),
+    ("agent.actor.horizon=abc", "agent.actor.horizon"),
+    ("agent=nope", "nope"),
+    ("env=nope", "nope"),
+    ("agent.actor.planner=foo", "agent.actor.planner"),
+    ("agent.perception.target=foo", "agent.perception.target"),
+    ("agent.actor.horizon=0", "agent.actor.horizon"),
+    ("agent.cost.discount=1.5", "agent.cost.discount"),
+    ("agent.configurator.weights.nosuch=1", "nosuch"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), BAD_OVERRIDES)
+def test_load_config_error_names_the_key(override, named):
+    with pytest.raises((OmegaConfBaseException, ConfigError)) as info:
+        load_config(["agent=tiny", override] if not override.startswith("agent=") else [override])
+    assert named in str(info.value)
+
+
+def test_unknown_variant_lists_the_choices():
+    with pytest.raises(ConfigError) as info:
+        load_config(["agent=nope"])
+    message = str(info.value)
+    assert "agent" in message and "nope" in message and "tiny" in message
+
+
+def test_bad_choice_is_config_error():
+    with pytest.raises(ConfigError, match=r"agent\.actor\.planner"):
+        load_config(["agent.actor.planner=foo"])
+
+
+def test_good_overrides_apply():
+    cfg = load_config(["agent=tiny", "agent.actor.horizon=5", "agent.actor.planner=mppi", "seed=3"])
+    assert (cfg.agent.actor.horizon, cfg.agent.actor.planner, cfg.seed, cfg.agent.name) == (5, "mppi", 3, "tiny")
+    assert cfg.agent.perception.latent_dim == 16  # from configs/agent/tiny.yaml
+
+
+def test_configurator_weight_naming_a_guardrail_is_rejected():
+    # speed_limit is a guardrail in configs/env/pendulum.yaml: its weight cannot be configured.
+    with pytest.raises((ConfigError, GuardrailError)) as info:
+        load_config(["agent=tiny", "agent.configurator.weights.speed_limit=0"])
+    assert "speed_limit" in str(info.value)
+    # A non-guardrail term may be reweighted.
+    cfg = load_config(["agent=tiny", "agent.configurator.weights.effort=0.5"])
+    assert cfg.agent.configurator.weights.effort == 0.5
+
+
+CLI_CASES = [
+    ("agent.actor.horizonn=3", "agent.actor.horizonn"),
+    ("agent.actor.horizon=abc", "agent.actor.horizon"),
+    ("agent=nope", "nope"),
+    ("agent.actor.planner=foo", "agent.actor.planner"),
+    ("agent.configurator.weights.speed_limit=0", "speed_limit"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), CLI_CASES)
+def test_cli_config_error_exits_2_and_names_key(override, named, capsys, tmp_path):
+    # The run settings keep a (wrongly) accepted config from training for long or writing outside tmp_path.
+    args = ["train", f"runs_dir={tmp_path}", "progress=false", "train.total_steps=1"]
+    args += [override] if override.startswith("agent=") else ["agent=tiny", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert named in err
+    assert "configuration error" in err
+    assert not list(tmp_path.iterdir())  # no run directory was started
+
+
+def test_cli_subprocess_unknown_variant_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ami.cli", "train", "agent=nope"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "nope" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,230 @@
+"""Cost: the intrinsic cost is immutable and untrained, its Pendulum formula is the env's own reward,
+and the critic bootstraps through its target network only where the episode did not terminate."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ami.config import ConfiguratorConfig, CostConfig, load_config
+from ami.envs import make_env
+from ami.learner import Learner
+from modules.configurator import Configurator
+from modules.cost import GuardrailError, IntrinsicCost, TrainableCritic, value_targets
+
+PENDULUM_NAMES = ["cos_theta", "sin_theta", "theta_dot"]
+
+
+def pendulum_intrinsic():
+    terms = OmegaConf.to_object(load_config().agent.cost).terms
+    return IntrinsicCost(terms, PENDULUM_NAMES)
+
+
+def _tensors_in(value, seen=None):
+    """Every tensor reachable from value's attributes, slots, mappings and sequences."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return [value]
+    found = []
+    if isinstance(value, dict) or hasattr(value, "items"):
+        for k, v in value.items():
+            found += _tensors_in(k, seen) + _tensors_in(v, seen)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            found += _tensors_in(v, seen)
+    else:
+        for name in getattr(type(value), "__slots__", ()):
+            if hasattr(value, name):
+                found += _tensors_in(getattr(value, name), seen)
+        for v in getattr(value, "__dict__", {}).values():
+            found += _tensors_in(v, seen)
+    return found
+
+
+def test_intrinsic_cost_setting_attributes_raises():
+    ic = pendulum_intrinsic()
+    with pytest.raises(GuardrailError):
+        ic._weights = {"speed_limit": 0.0}
+    with pytest.raises(GuardrailError):
+        ic._guardrails = frozenset()
+    with pytest.raises(GuardrailError):
+        ic._frozen = False
+    with pytest.raises(GuardrailError):
+        ic.anything_new = 1
+    with pytest.raises(TypeError):
+        ic.default_weights["speed_limit"] = 0.0  # a read-only mapping
+    assert ic.default_weights["speed_limit"] == 10.0
+    assert ic.guardrail_names == frozenset({"speed_limit"})
+
+
+def test_intrinsic_cost_attributes_cannot_be_deleted():
+    # Deleting the freeze flag would make every later assignment succeed.
+    ic = pendulum_intrinsic()
+    with pytest.raises(GuardrailError):
+        del ic._frozen
+    with pytest.raises(GuardrailError):
+        del ic._weights
+
+
+def test_guardrail_weight_cannot_be_overridden():
+    ic = pendulum_intrinsic()
+    with pytest.raises(GuardrailError, match="speed_limit"):
+        ic.weight_vector({"speed_limit": 0.0})
+    # Non-guardrail overrides work, guardrail weights stay at their defaults.
+    weights = ic.weight_vector({"effort": 0.5})
+    names = ic.term_names
+    assert weights[names.index("effort")] == 0.5
+    assert weights[names.index("speed_limit")] == 10.0
+
+
+def test_configurator_cannot_set_guardrail():
+    ic = pendulum_intrinsic()
+    configurator = Configurator(ConfiguratorConfig(), ic.default_weights, ic.guardrail_names, 8, 3)
+    assert "speed_limit" not in configurator.weights
+    with pytest.raises(GuardrailError, match="speed_limit"):
+        configurator.set_weight("speed_limit", 0.0)
+    configurator.set_weight("effort", 0.25)
+    assert configurator.weights["effort"] == 0.25
+    with pytest.raises(GuardrailError, match="speed_limit"):
+        Configurator(ConfiguratorConfig(weights={"speed_limit": 0.0}), ic.default_weights, ic.guardrail_names, 8, 3)
+
+
+def test_intrinsic_cost_has_no_parameters_and_is_in_no_optimiser(make_agent):
+    agent, cfg = make_agent()
+    ic = agent.cost.intrinsic
+    assert not isinstance(ic, nn.Module)
+    assert not hasattr(ic, "parameters")
+    learner = Learner(agent, cfg, seed=0)
+    in_optimisers = {id(p) for opt in learner.optimisers().values() for g in opt.param_groups for p in g["params"]}
+    assert in_optimisers  # the check below is not vacuous
+    assert not {id(t) for t in _tensors_in(ic)} & in_optimisers
+    # The optimisers hold exactly the trainable modules' parameters.
+    trainable = [agent.perception.encoder, agent.world_model, agent.cost.critic, agent.actor.policy]
+    expected = {id(p) for m in trainable for p in m.parameters() if p.requires_grad}
+    assert in_optimisers == expected
+
+
+def test_intrinsic_cost_values_unchanged_by_learning(make_agent, fill_memory):
+    agent, cfg = make_agent()
+    fill_memory(agent, 300)
+    ic = agent.cost.intrinsic
+    g = torch.Generator().manual_seed(0)
+    quantities = torch.randn(64, 3, generator=g) * torch.tensor([1.0, 1.0, 9.0])  # some beyond the speed limit
+    actions = torch.rand(64, 1, generator=g) * 2 - 1
+
+    def snapshot():
+        return (ic.analytic_terms(quantities, actions).clone(), ic.weight_vector().clone(),
+                ic.guardrail_violation(quantities, actions).clone(), ic.describe(), dict(ic.default_weights))
+
+    before = snapshot()
+    assert before[2].abs().sum() > 0  # the guardrail term is exercised
+    learner = Learner(agent, cfg, seed=0)
+    params_before = [p.detach().clone() for p in agent.world_model.parameters()]
+    for _ in range(5):
+        learner.update()
+    # Learning did happen...
+    assert any(not torch.equal(a, b) for a, b in zip(params_before, agent.world_model.parameters(), strict=True))
+    after = snapshot()
+    # ...and the intrinsic cost is bit for bit what it was.
+    for a, b in zip(before[:3], after[:3], strict=True):
+        assert torch.equal(a, b)
+    assert before[3:] == after[3:]
+
+
+def test_pendulum_formula_equals_env_reward():
+    ic = pendulum_intrinsic()
+    index = ic.term_names.index("pendulum")
+    measured = ic.term_names.index("env_reward")
+    rng = np.random.default_rng(0)
+    # The raw env with torques in [-2, 2]; the agent's action is torque / 2.
+    env = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=0)
+    costs, rewards, recorded = [], [], []
+    for step in range(400):
+        torque = rng.uniform(-2.0, 2.0, (1,))
+        next_obs, reward, terminated, truncated, info = env.step(torque.astype(np.float32))
+        action = torch.as_tensor(torque / 2.0, dtype=torch.float32)
+        costs.append(ic.analytic_terms(torch.as_tensor(obs, dtype=torch.float32), action)[index].item())
+        recorded.append(ic.real_terms(torch.as_tensor(obs), action, float(reward), info)[measured].item())
+        rewards.append(float(reward))
+        obs = next_obs
+        if terminated or truncated or step == 150:
+            obs, _ = env.reset(seed=step)
+    env.close()
+    costs, rewards = np.array(costs), np.array(rewards)
+    assert np.ptp(rewards) > 1.0  # varied states, not one corner
+    np.testing.assert_allclose(costs, -rewards, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(recorded, -rewards, rtol=1e-5, atol=1e-5)
+
+
+def test_pendulum_formula_equals_reward_through_agent_env_wrapper():
+    # make_env rescales the agent's [-1, 1] actions to the env's [-2, 2] torques.
+    ic = pendulum_intrinsic()
+    index = ic.term_names.index("pendulum")
+    env = make_env(load_config().env)
+    rng = np.random.default_rng(1)
+    obs, _ = env.reset(seed=1)
+    for _ in range(200):
+        action = rng.uniform(-1.0, 1.0, (1,)).astype(np.float32)
+        next_obs, reward, *_ = env.step(action)
+        cost = ic.analytic_terms(torch.as_tensor(obs), torch.as_tensor(action))[index].item()
+        assert cost == pytest.approx(-reward, rel=1e-4, abs=1e-4)
+        obs = next_obs
+    env.close()
+
+
+def test_value_targets_termination_stops_bootstrap_truncation_does_not():
+    costs = torch.tensor([[1.0], [2.0], [3.0]])
+    bootstrap = torch.tensor([10.0])
+    gamma = 0.5
+    # Truncated (not terminated) at the end: G2 = 3 + .5*10 = 8, G1 = 2 + .5*8 = 6, G0 = 1 + .5*6 = 4.
+    not_terminated = torch.zeros(3, 1, dtype=torch.bool)
+    torch.testing.assert_close(value_targets(costs, not_terminated, bootstrap, gamma),
+                               torch.tensor([[4.0], [6.0], [8.0]]))
+    # Terminated at the last step: G2 = 3, G1 = 2 + 1.5 = 3.5, G0 = 1 + 1.75 = 2.75.
+    end = torch.tensor([[False], [False], [True]])
+    torch.testing.assert_close(value_targets(costs, end, bootstrap, gamma), torch.tensor([[2.75], [3.5], [3.0]]))
+    # Terminated in the middle: G2 = 8, G1 = 2, G0 = 1 + .5*2 = 2.
+    middle = torch.tensor([[False], [True], [False]])
+    torch.testing.assert_close(value_targets(costs, middle, bootstrap, gamma), torch.tensor([[2.0], [2.0], [8.0]]))
+    # Batched: each column on its own.
+    both = value_targets(costs.expand(3, 2), torch.cat([not_terminated, end], 1), torch.tensor([10.0, 10.0]), gamma)
+    torch.testing.assert_close(both, torch.tensor([[4.0, 2.75], [6.0, 3.5], [8.0, 3.0]]))
+
+
+def test_critic_loss_bootstraps_from_target_network():
+    torch.manual_seed(0)
+    config = CostConfig(discount=0.9, critic_hidden_dim=16)
+    critic = TrainableCritic(5, 1, config)
+    g = torch.Generator().manual_seed(0)
+    length, batch = 3, 4
+    states = torch.randn(length + 1, batch, 5, generator=g)
+    actions = torch.rand(length, batch, 1, generator=g) * 2 - 1
+    costs = torch.rand(length, batch, generator=g)
+    measured = torch.rand(length, batch, generator=g)
+    running = torch.zeros(length, batch, dtype=torch.bool)
+    ended = running.clone()
+    ended[-1] = True
+
+    def losses():
+        return critic.loss(states, actions, costs, measured, running)[0], critic.loss(states, actions, costs,
+                                                                                      measured, ended)[0]
+
+    running_before, ended_before = losses()
+    # The loss is the value regression onto targets bootstrapped by the *target* head.
+    with torch.no_grad():
+        bootstrap = critic.target_value_head(states[-1]).squeeze(-1)
+        targets = value_targets(costs, running, bootstrap, config.discount)
+        expected = ((critic.value(states[:-1]) - targets) ** 2).mean() \
+            + ((critic.step_cost(states[:-1], actions) - measured) ** 2).mean()
+    torch.testing.assert_close(running_before, expected)
+    with torch.no_grad():
+        critic.target_value_head[-1].bias.add_(5.0)
+    running_after, ended_after = losses()
+    assert abs(running_after.item() - running_before.item()) > 1e-3
+    assert ended_after.item() == ended_before.item()

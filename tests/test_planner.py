@@ -1,0 +1,193 @@
+"""Planners: exact on a linear-quadratic problem, differentiable through the real modules, always
+executing finite in-bounds actions, and warm-started from the previous plan."""
+
+import numpy as np
+import pytest
+import torch
+
+from ami.config import ActorConfig
+from ami.messages import Percept, Task
+from modules.actor import GradientPlanner, MPPIPlanner
+
+# A stable-ish 3-state, 2-action linear system: s' = A s + B a.
+A_MAT = torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.1], [0.05, 0.0, 0.95]], dtype=torch.float64)
+B_MAT = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.1, -0.1]], dtype=torch.float64)
+Q_MAT = torch.diag(torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
+R_MAT = torch.diag(torch.tensor([0.05, 0.1], dtype=torch.float64))
+HORIZON = 8
+# Two start states, small enough that the optimal actions lie well inside [-1, 1].
+S0 = 0.3 * torch.tensor([[0.5, -0.3, 0.2], [-0.4, 0.1, 0.4]], dtype=torch.float64)
+
+
+def lq_energy(dtype=torch.float32):
+    """E = sum_{t<H} (s_t' Q s_t + a_t' R a_t) + s_H' Q s_H, with the planner's interface."""
+    a_mat, b_mat, q_mat, r_mat = (m.to(dtype) for m in (A_MAT, B_MAT, Q_MAT, R_MAT))
+
+    def energy_fn(state, actions):
+        states = [state]
+        energy = state.new_zeros(state.shape[0])
+        for action in actions:
+            s = states[-1]
+            energy = energy + ((s @ q_mat) * s).sum(-1) + ((action @ r_mat) * action).sum(-1)
+            states.append(s @ a_mat.T + action @ b_mat.T)
+        energy = energy + ((states[-1] @ q_mat) * states[-1]).sum(-1)
+        return energy, torch.stack(states)
+
+    return energy_fn
+
+
+def lq_optimum():
+    """Closed-form open-loop optimum (H, batch, A) in float64: stack s_{1..H} = F s0 + G a and solve
+    (G' Qbar G + Rbar) a = -G' Qbar F s0."""
+    d, n_a = A_MAT.shape[0], B_MAT.shape[1]
+    power = [torch.linalg.matrix_power(A_MAT, t) for t in range(HORIZON + 1)]
+    f_mat = torch.cat(power[1:])  # (H d, d)
+    g_mat = torch.zeros(HORIZON * d, HORIZON * n_a, dtype=torch.float64)
+    for t in range(1, HORIZON + 1):
+        for k in range(t):
+            g_mat[(t - 1) * d:t * d, k * n_a:(k + 1) * n_a] = power[t - 1 - k] @ B_MAT
+    q_bar = torch.block_diag(*[Q_MAT] * HORIZON)
+    r_bar = torch.block_diag(*[R_MAT] * HORIZON)
+    a = torch.linalg.solve(g_mat.T @ q_bar @ g_mat + r_bar, -(g_mat.T @ q_bar @ f_mat @ S0.T))  # (H A, batch)
+    return a.T.reshape(S0.shape[0], HORIZON, n_a).transpose(0, 1)
+
+
+def test_closed_form_optimum_is_a_stationary_point_of_the_energy():
+    # Guards the reference itself: the float64 energy's gradient vanishes at the solved actions and
+    # the optimum is well inside the planner's box.
+    opt = lq_optimum().clone().requires_grad_(True)
+    energy, _ = lq_energy(torch.float64)(S0, opt)
+    (grad,) = torch.autograd.grad(energy.sum(), opt)
+    assert grad.abs().max() < 1e-10
+    assert opt.abs().max() < 0.6
+    assert opt[0].abs().min() > 0.03  # every first-action component is far from zero
+
+
+def test_gradient_planner_matches_closed_form_lq_optimum():
+    opt = lq_optimum()
+    config = ActorConfig(lr=0.05, iterations=300, candidates=8, init_std=0.3)
+    plan = GradientPlanner(config).plan(S0.float(), lq_energy(), HORIZON, config.iterations, 2,
+                                        generator=torch.Generator().manual_seed(0))
+    assert plan.actions.shape == (HORIZON, 2, 2)
+    first = plan.actions[0].double()
+    # Elementwise: every component of the first action within 5% of the optimum's.
+    assert ((first - opt[0]).abs() <= 0.05 * opt[0].abs()).all(), (first, opt[0])
+    # The returned energy is the energy of the returned actions, and it did not get worse.
+    energy, _ = lq_energy()(S0.float(), plan.actions)
+    torch.testing.assert_close(plan.energy_after, energy)
+    assert (plan.energy_after <= plan.energy_before + 1e-6).all()
+
+
+def test_mppi_beats_zero_actions_on_lq_problem():
+    config = ActorConfig(planner="mppi", candidates=256, iterations=6)
+    energy_fn = lq_energy()
+    plan = MPPIPlanner(config).plan(S0.float(), energy_fn, HORIZON, config.iterations, 2,
+                                    generator=torch.Generator().manual_seed(0))
+    zero_energy, _ = energy_fn(S0.float(), torch.zeros(HORIZON, 2, 2))
+    energy, _ = energy_fn(S0.float(), plan.actions)
+    torch.testing.assert_close(plan.energy_after, energy)
+    assert (energy < zero_energy).all(), (energy, zero_energy)
+    assert plan.actions.abs().max() <= 1.0
+
+
+def test_gradients_reach_actions_through_real_modules(make_agent):
+    agent, cfg = make_agent()
+    weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
+    energy_fn = agent.actor.energy.bind(weights)
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(4, 3, generator=g)
+    state = agent.perception(obs).detach()
+    horizon = cfg.actor.horizon
+    actions = (torch.rand(horizon, 4, 1, generator=g) * 2 - 1).requires_grad_(True)
+    energy, states = energy_fn(state, actions)
+    assert energy.shape == (4,)
+    assert states.shape == (horizon + 1, 4, cfg.perception.latent_dim)
+    energy.sum().backward()
+    grad = actions.grad
+    assert grad is not None
+    assert torch.isfinite(grad).all()
+    # Every step of every sequence gets a gradient.
+    assert (grad.abs().sum(-1) > 0).all()
+    # And it flows through the world model, not only the direct torque term: the gradient of the
+    # first action differs from d/da [w * 0.001 * (2a)^2].
+    pendulum_weight = weights[agent.cost.intrinsic.term_names.index("pendulum")]
+    direct = pendulum_weight * 0.001 * 8.0 * actions.detach()[0]
+    assert not torch.allclose(grad[0], direct, atol=1e-6)
+
+
+def _act_checks(agent, generator, scales):
+    for scale in scales:
+        obs = (torch.randn(6, 3, generator=generator) * scale).numpy()
+        actions, _, _, plan = agent.act(obs, explore=True, generator=generator)
+        assert actions.shape == (6, 1)
+        assert np.isfinite(actions).all(), (scale, actions)
+        assert (np.abs(actions) <= 1.0).all(), (scale, actions)
+        assert torch.isfinite(plan.actions).all(), scale
+        assert plan.actions.abs().max() <= 1.0
+
+
+PLANNER_CASES = [("gradient", "mode2", "0.1"), ("gradient", "mode2", "1000.0"), ("mppi", "mode2", "0.1"),
+                 ("mppi", "mode2", "1000.0"), ("gradient", "mode1", "0.1")]
+
+
+@pytest.mark.parametrize(("planner", "mode", "lr"), PLANNER_CASES)
+def test_executed_actions_finite_and_in_bounds(make_agent, planner, mode, lr):
+    # A normaliser with statistics, as after the seed phase; lr=1000 overshoots every step.
+    agent, _ = make_agent(f"agent.actor.planner={planner}", f"agent.configurator.mode={mode}",
+                          f"agent.actor.lr={lr}", "agent.actor.init_std=2.0")
+    agent.perception.normalizer.update(torch.randn(50, 3, generator=torch.Generator().manual_seed(1)))
+    _act_checks(agent, torch.Generator().manual_seed(0), [1.0, 10.0, 1e3, 1e6, 1e12, 1e30, 1.0])
+
+
+@pytest.mark.parametrize(("planner", "mode", "lr"), PLANNER_CASES)
+def test_executed_actions_finite_and_in_bounds_fresh_agent(make_agent, planner, mode, lr):
+    # A fresh agent (its normaliser has seen nothing) may be asked to act, e.g. with
+    # train.seed_steps=0; huge observations must still give finite actions, and must not poison the
+    # warm start of the next, ordinary, observation (the last scale).
+    agent, _ = make_agent(f"agent.actor.planner={planner}", f"agent.configurator.mode={mode}",
+                          f"agent.actor.lr={lr}")
+    _act_checks(agent, torch.Generator().manual_seed(0), [1.0, 1e3, 1e6, 1e12, 1e30, 1.0])
+
+
+@pytest.mark.parametrize("planner", ["gradient", "mppi"])
+def test_one_bad_plan_does_not_poison_the_next(make_agent, planner):
+    # Whatever the plan for an overflowing observation was, the next ordinary observation (which the
+    # previous plan warm-starts) gets finite, in-bounds actions.
+    agent, _ = make_agent(f"agent.actor.planner={planner}")
+    g = torch.Generator().manual_seed(0)
+    agent.act(np.full((6, 3), 1e30, dtype=np.float32), generator=g)
+    _act_checks(agent, g, [1.0])
+
+
+def test_warm_start_shifts_previous_plan(make_agent):
+    agent, _ = make_agent()
+    actor = agent.actor
+    assert actor.warm_start(2, 4) is None
+    previous = torch.linspace(-0.9, 0.9, 4 * 2).view(4, 2, 1)
+    actor.previous = previous.clone()
+    shifted = actor.warm_start(2, 4)
+    torch.testing.assert_close(shifted[:3], previous[1:])
+    torch.testing.assert_close(shifted[3], previous[3])
+    # A longer horizon repeats the last action; another batch size has no warm start.
+    longer = actor.warm_start(2, 6)
+    assert longer.shape == (6, 2, 1)
+    torch.testing.assert_close(longer[3:], previous[3:].expand(3, 2, 1))
+    assert actor.warm_start(3, 4) is None
+    # reset(done) forgets only the finished environment's plan.
+    actor.reset(torch.tensor([True, False]))
+    assert (actor.previous[:, 0] == 0).all()
+    torch.testing.assert_close(actor.previous[:, 1], previous[:, 1])
+
+
+def test_act_uses_shifted_previous_plan_as_first_candidate(make_agent):
+    agent, cfg = make_agent()
+    actor, horizon = agent.actor, cfg.actor.horizon
+    g = torch.Generator().manual_seed(0)
+    percept = Percept(agent.perception(torch.randn(2, 3, generator=g)).detach())
+    weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
+    first = actor.act(percept, Task(agent.configurator.weights, horizon, 3, "mode2"), weights, g)
+    assert torch.equal(actor.previous, first.actions)
+    # With no optimisation steps the candidates are the initial ones: candidate 0 is the warm start.
+    second = actor.act(percept, Task(agent.configurator.weights, horizon, 0, "mode2"), weights, g)
+    expected = torch.cat([first.actions[1:], first.actions[-1:]])
+    torch.testing.assert_close(second.candidates[:, :, 0], expected)
