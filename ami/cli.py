@@ -64,8 +64,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise ConfigError(f"--episodes={args.episodes}: expected a positive number")
     cfg = load_saved(run_dir / "config.yaml", ["progress=false"])
-    trainer = Trainer(cfg, run_dir, resume=True)
-    trainer.logger.close()
+    trainer = Trainer(cfg, run_dir, resume=True, read_only=True)
     seed = EVAL_SEED if args.seed is None else args.seed
     result = evaluate(trainer.agent, cfg.env, args.episodes, seed)
     print(f"{run_dir}: step {trainer.step}, {args.episodes} episodes from seed {seed}: "

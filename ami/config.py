@@ -124,8 +124,8 @@ class AgentConfig:
 @dataclass
 class TrainConfig:
     total_steps: int = 3000
-    seed_steps: int = 500  # uniformly random actions before the agent acts
-    pretrain_updates: int = 500  # update rounds on the seed data before the agent first acts
+    seed_steps: int = 200  # uniformly random actions before the agent acts
+    pretrain_updates: int = 200  # update rounds on the seed data before the agent first acts
     update_every: int = 1  # env steps between update rounds
     updates_per_round: int = 1
     eval_every: int = 500

@@ -41,7 +41,10 @@ def new_run_dir(cfg: DictConfig) -> Path:
 class Trainer:
     """Owns one run: its env, agent, learner, logger, counters and RNGs."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = False,
+                 read_only: bool = False) -> None:
+        """resume: load the run's latest checkpoint. read_only: only inspect it (ami eval): no
+        logger, nothing in the run directory touched."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
@@ -65,13 +68,17 @@ class Trainer:
         self.last_return = float("nan")
         if resume:
             self.load(latest_checkpoint(self.run_dir))
+            if not read_only:
+                self._drop_eval_rows_after(self.step)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
             self.obs, _ = self.env.reset(seed=cfg.seed)
-        self.logger = Logger(self.run_dir, purge_step=self.step if resume else None)
-        if not resume:
-            self._log_hparams()
+        self.logger: Logger | None = None
+        if not read_only:
+            self.logger = Logger(self.run_dir, purge_step=self.step if resume else None)
+            if not resume:
+                self._log_hparams()
 
     # -- the loop -------------------------------------------------------------------------------
     def collect(self) -> bool:
@@ -123,6 +130,8 @@ class Trainer:
         self.obs = None
 
     def train(self) -> dict[str, float]:
+        if self.logger is None:
+            raise RuntimeError(f"{self.run_dir}: opened read-only (for evaluation); it cannot train")
         cfg = self.cfg.train
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not self.cfg.progress,
                    desc=f"{self.cfg.env.name}/{self.cfg.agent.name} s{self.cfg.seed}", unit="step")
@@ -186,6 +195,15 @@ class Trainer:
             writer.writerow([self.step, f"{result.mean:.2f}", f"{result.std:.2f}",
                              " ".join(f"{r:.1f}" for r in result.returns)])
         tqdm.write(f"step {self.step}: eval return {result.mean:.1f} ± {result.std:.1f}")
+
+    def _drop_eval_rows_after(self, step: int) -> None:
+        """Rows an interrupted run wrote past its last checkpoint are redone by the resumed run."""
+        path = self.run_dir / "eval.csv"
+        if path.exists():
+            rows = list(csv.reader(path.open()))
+            kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= step]
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerows(kept)
 
     def _log_hparams(self) -> None:
         flat = {}
