@@ -164,6 +164,14 @@ def _variant(kind: str, name: str) -> DictConfig:
     return OmegaConf.load(path)
 
 
+def _merge(*configs: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(*configs)
+    except TypeError as error:  # OmegaConf's message for a list item addressed like a dict key
+        raise ConfigError(f"{error}: lists such as agent.cost.terms are replaced whole, in a variant "
+                          "file (configs/env/*.yaml), not item by item from the command line") from error
+
+
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Resolve a RunConfig from `env=NAME agent=NAME key=value ...` overrides."""
     overrides = list(overrides or [])
@@ -177,13 +185,8 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
             selection[key] = value
         else:
             rest.append(item)
-    schema = OmegaConf.structured(RunConfig)
-    cfg = OmegaConf.merge(
-        schema,
-        _variant("env", selection["env"]),
-        _variant("agent", selection["agent"]),
-        OmegaConf.from_dotlist(rest),
-    )
+    cfg = _merge(OmegaConf.structured(RunConfig), _variant("env", selection["env"]),
+                 _variant("agent", selection["agent"]), OmegaConf.from_dotlist(rest))
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -191,8 +194,8 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 
 def load_saved(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     """Read a run's saved config.yaml back into the schema (with optional overrides)."""
-    schema = OmegaConf.structured(RunConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides or [])))
+    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.load(path),
+                 OmegaConf.from_dotlist(list(overrides or [])))
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

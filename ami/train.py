@@ -76,7 +76,8 @@ class Trainer:
             self.obs, _ = self.env.reset(seed=cfg.seed)
         self.logger: Logger | None = None
         if not read_only:
-            self.logger = Logger(self.run_dir, purge_step=self.step if resume else None)
+            # Events at the checkpoint step were written before it was saved: keep them.
+            self.logger = Logger(self.run_dir, purge_step=self.step + 1 if resume else None)
             if not resume:
                 self._log_hparams()
 

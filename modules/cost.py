@@ -122,9 +122,9 @@ class IntrinsicCost:
     def default_weights(self) -> Mapping[str, float]:
         return self._weights
 
-    def describe(self) -> list[tuple[str, str, str, bool, float]]:
-        """(name, formula, kind, guardrail, weight) per term: what checkpoints compare."""
-        return [(n, f, k, g, self._weights[n]) for n, f, k, g, _ in self._terms]
+    def describe(self) -> list[tuple]:
+        """(name, formula, kind, guardrail, weight, sorted params) per term: what checkpoints compare."""
+        return [(n, f, k, g, self._weights[n], tuple(sorted(p.items()))) for n, f, k, g, p in self._terms]
 
     def weight_vector(self, overrides: Mapping[str, float] | None = None) -> torch.Tensor:
         """(T,) weights: defaults, overridden for non-guardrail terms only."""
