@@ -91,7 +91,8 @@ class ActorConfig:
     iterations: int = 5
     candidates: int = 16
     lr: float = 0.1  # Adam step on the actions (gradient planner)
-    init_std: float = 0.5  # spread of fresh candidates around the warm start
+    init_std: float = 0.5  # spread of candidates around the warm start
+    fresh_fraction: float = 0.125  # share of candidates started at a random constant action instead
     exploration_std: float = 0.1  # Gaussian noise on executed actions while training
     # MPPI
     mppi_temperature: float = 0.5

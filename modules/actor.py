@@ -82,11 +82,17 @@ class GradientPlanner:
                            warm_start: torch.Tensor | None, proposal: torch.Tensor | None,
                            generator: torch.Generator | None) -> torch.Tensor:
         """-> (H, B, N, A)."""
-        n = self.config.candidates
+        cfg, n = self.config, self.config.candidates
         base = torch.zeros(horizon, batch, 1, action_dim, device=device) if warm_start is None \
             else warm_start[:, :, None]
         noise = torch.randn(horizon, batch, n, action_dim, generator=generator).to(device)
-        candidates = (base + self.config.init_std * noise).clamp(-1.0, 1.0)
+        candidates = (base + cfg.init_std * noise).clamp(-1.0, 1.0)
+        # Fresh candidates hold a random level over the whole horizon: a local optimiser started only
+        # near the warm start can stall where every small change looks bad (a pendulum at rest).
+        fresh = int(cfg.fresh_fraction * n)
+        if fresh:
+            level = torch.rand(1, batch, fresh, action_dim, generator=generator).to(device) * 2 - 1
+            candidates[:, :, n - fresh:] = (level + cfg.init_std * noise[:, :, n - fresh:]).clamp(-1.0, 1.0)
         candidates[:, :, 0] = base[:, :, 0]
         if proposal is not None and n > 1:
             candidates[:, :, 1] = proposal
