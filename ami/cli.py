@@ -29,7 +29,58 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--video", action="store_true", help="also write an mp4 of one episode into the run")
     ev.add_argument("--seed", type=int, default=None, help="first start seed (default: the fixed eval seed)")
+    bench = sub.add_parser("bench", help="measure and compare").add_subparsers(dest="bench", required=True)
+    planner = bench.add_parser("planner", help="planning latency and FLOP/s, gradient vs MPPI")
+    planner.add_argument("overrides", nargs="*", help="config overrides, as for train")
+    planner.add_argument("--grid", action="store_true", help="also batch x horizon x iterations")
+    planner.add_argument("--repeats", type=int, default=30, help="timed calls per setting")
+    planner.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                         help="eager, torch.compile, or both side by side")
+    planner.add_argument("--device", default="auto")
+    planner.add_argument("--out", default=None, help="output folder (default runs/bench/planner__<stamp>)")
+    control = bench.add_parser("control", help="sample efficiency: ami vs SAC or vs its MPPI planner")
+    control.add_argument("overrides", nargs="*", help="config overrides for ami, as for train")
+    control.add_argument("--env", default="pendulum", help="an env preset under configs/env/")
+    control.add_argument("--steps", type=int, default=3000)
+    control.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    control.add_argument("--vs", choices=("sac", "mppi", "none"), default="sac")
+    control.add_argument("--eval-every", type=int, default=500)
+    control.add_argument("--episodes", type=int, default=10)
+    control.add_argument("--threshold", type=float, default=None, help="return to reach (steps-to table)")
+    control.add_argument("--oracle", action="store_true",
+                         help="also score the same planner on the true dynamics (Pendulum-v1)")
+    control.add_argument("--mppi-budget", type=int, nargs=2, default=[256, 6], metavar=("CANDIDATES", "ITERS"),
+                         help="MPPI's samples and iterations for --vs mppi (the rest is ami's config)")
+    control.add_argument("--no-progress", action="store_true")
+    control.add_argument("--out", default=None, help="output folder (default runs/bench/control__<stamp>)")
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from ami.bench import control, planner
+
+    if args.bench == "control":
+        for name in ("steps", "eval_every", "episodes"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / "bench" / f"control__{args.env}__{stamp}"
+        control.run(args.env, args.steps, args.seeds, args.vs, args.eval_every, args.episodes, args.threshold,
+                    args.overrides, out, not args.no_progress, args.oracle, tuple(args.mppi_budget))
+        return 0
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats={args.repeats}: expected a positive number")
+    cfg = load_config(args.overrides)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(args.out) if args.out else Path(cfg.runs_dir) / "bench" / f"planner__{time.strftime('%Y%m%d-%H%M%S')}"
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    planner.run(cfg, out, args.grid, args.repeats, modes, args.device)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -80,7 +131,8 @@ def _eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return _train(args) if args.command == "train" else _eval(args)
+        commands = {"train": _train, "eval": _eval, "bench": _bench}
+        return commands[args.command](args)
     except (OmegaConfBaseException, ConfigError, GuardrailError) as error:
         print(f"ami: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE

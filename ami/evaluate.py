@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,34 +32,46 @@ class EvalResult:
         return float(self.returns.std())
 
 
-def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int = EVAL_SEED) -> EvalResult:
-    """First episode of each of `episodes` sub-envs, seeded seed, seed + 1, ...; no exploration.
+def run_episodes(policy: Callable[[np.ndarray], np.ndarray], env_config: EnvConfig, episodes: int,
+                 seed: int = EVAL_SEED) -> EvalResult:
+    """First episode of each of `episodes` sub-envs, seeded seed, seed + 1, ...
 
-    The agent's warm-start state is set aside and restored, so evaluation leaves training as it was.
+    policy: obs (episodes, obs_dim) -> actions (episodes, A) in [-1, 1]. Any policy (ami, a peer, a
+    planner on the true dynamics) is scored on the same start states.
     """
     envs = make_vector_env(env_config, episodes)
     # Only each sub-env's first episode counts; once done, a sub-env's later steps are ignored, which
     # is right whether it autoresets on the next step or the same one.
     if envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.DISABLED:
-        raise ValueError("evaluate needs a vector env that autoresets; got autoreset_mode=DISABLED")
-    saved = agent.actor.previous
-    agent.actor.reset()
-    generator = torch.Generator().manual_seed(seed)
+        raise ValueError("evaluation needs a vector env that autoresets; got autoreset_mode=DISABLED")
     returns = np.zeros(episodes)
     lengths = np.zeros(episodes, dtype=np.int64)
     done = np.zeros(episodes, dtype=bool)
     try:
         obs, _ = envs.reset(seed=seed)
         while not done.all():
-            actions, *_ = agent.act(obs, explore=False, generator=generator)
-            obs, reward, terminated, truncated, _ = envs.step(actions)
+            obs, reward, terminated, truncated, _ = envs.step(policy(obs))
             returns += np.where(done, 0.0, reward)
             lengths += ~done
             done |= terminated | truncated
     finally:
         envs.close()
-        agent.actor.previous = saved
     return EvalResult(returns, lengths)
+
+
+def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int = EVAL_SEED) -> EvalResult:
+    """The agent without exploration on the fixed start states.
+
+    Its warm-start state is set aside and restored, so evaluation leaves training as it was.
+    """
+    saved = agent.actor.previous
+    agent.actor.reset()
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        return run_episodes(lambda obs: agent.act(obs, explore=False, generator=generator)[0],
+                            env_config, episodes, seed)
+    finally:
+        agent.actor.previous = saved
 
 
 def record_video(agent: Agent, env_config: EnvConfig, path: str | Path, seed: int = EVAL_SEED,

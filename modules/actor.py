@@ -36,25 +36,31 @@ class PlanEnergy:
         self.discount = discount
         self.value_weight = value_weight
 
+    def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
+                 use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """state: (B, D), actions: (H, B, A), analytic_weights: (T,) -> (energy (B,), states (H+1, B, D))."""
+        horizon = actions.shape[0]
+        states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
+        terms = self.intrinsic_cost.analytic_terms(self.world_model.readout(states[:-1]), actions)
+        step_cost = (terms * analytic_weights).sum(-1)  # (H, B)
+        if use_step_head:
+            step_cost = step_cost + self.critic.step_cost(states[:-1], actions)
+        gammas = discount_weights(horizon + 1, self.discount, state.device)
+        energy = (gammas[:-1, None] * step_cost).sum(0)
+        if self.value_weight:
+            energy = energy + self.value_weight * gammas[-1] * self.critic.value(states[-1])
+        return energy, states
+
+    def compile(self) -> None:
+        """Run the energy through torch.compile (one graph per horizon and batch size)."""
+        self._compiled = torch.compile(self.__call__, dynamic=False)
+
     def bind(self, weights: torch.Tensor) -> EnergyFn:
         """An energy function for one task's weights: (T,)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
-
-        def energy(state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            horizon = actions.shape[0]
-            states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
-            terms = self.intrinsic_cost.analytic_terms(self.world_model.readout(states[:-1]), actions)
-            step_cost = (terms * analytic).sum(-1)  # (H, B)
-            if use_step_head:
-                step_cost = step_cost + self.critic.step_cost(states[:-1], actions)
-            gammas = discount_weights(horizon + 1, self.discount, state.device)
-            energy = (gammas[:-1, None] * step_cost).sum(0)
-            if self.value_weight:
-                energy = energy + self.value_weight * gammas[-1] * self.critic.value(states[-1])
-            return energy, states
-
-        return energy
+        energy = getattr(self, "_compiled", None) or self.__call__
+        return lambda state, actions: energy(state, actions, analytic, use_step_head)
 
 
 def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Tensor,

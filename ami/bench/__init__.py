@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure and print figures side by side in one run (never tests)."""

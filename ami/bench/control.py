@@ -1,0 +1,174 @@
+"""`ami bench control`: sample efficiency of ami against a peer (SAC) or a second planner (MPPI),
+same env, same seeds, same evaluation starts, side by side in one run."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ami.config import load_config
+from ami.envs import make_env
+from ami.evaluate import EvalResult, run_episodes
+from ami.train import Trainer
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    seed: int
+    step: int
+    result: EvalResult
+
+
+def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
+    trainer = Trainer(cfg, run_dir)
+    trainer.train()
+    points = []
+    with (run_dir / "eval.csv").open() as f:
+        for row in csv.DictReader(f):
+            returns = np.array([float(r) for r in row["returns"].split()])
+            points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, np.zeros(len(returns)))))
+    return points
+
+
+def run_sac(cfg: DictConfig, progress: bool) -> list[Point]:
+    """Stable-Baselines3 SAC with its defaults, evaluated deterministically on ami's start states."""
+    try:
+        from stable_baselines3 import SAC
+        from stable_baselines3.common.callbacks import BaseCallback
+    except ImportError as error:  # an optional extra
+        raise SystemExit("ami bench control --vs sac needs Stable-Baselines3: pip install -e '.[bench]'") from error
+
+    train = cfg.train
+    points: list[Point] = []
+
+    class Evaluate(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps % train.eval_every == 0:
+                result = run_episodes(lambda obs: self.model.predict(obs, deterministic=True)[0],
+                                      cfg.env, train.eval_episodes)
+                points.append(Point("sac", cfg.seed, self.num_timesteps, result))
+            return True
+
+    model = SAC("MlpPolicy", make_env(cfg.env), seed=cfg.seed, device="cpu", verbose=0)
+    model.learn(total_timesteps=train.total_steps, callback=Evaluate(), progress_bar=progress)
+    return points
+
+
+def steps_to(points: list[Point], method: str, threshold: float) -> int | None:
+    """First eval step at which the mean over seeds reaches threshold, and every later one too."""
+    by_step = defaultdict(list)
+    for p in points:
+        if p.method == method:
+            by_step[p.step].append(p.result.mean)
+    steps = sorted(by_step)
+    for i, step in enumerate(steps):
+        if all(np.mean(by_step[s]) >= threshold for s in steps[i:]):
+            return step
+    return None
+
+
+def table(points: list[Point], methods: list[str]) -> str:
+    cells: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for p in points:
+        cells[(p.method, p.step)].append(p.result.mean)
+    steps = sorted({p.step for p in points})
+    lines = [f"{'step':>7s} " + " ".join(f"{m:>20s}" for m in methods)]
+    for step in steps:
+        row = []
+        for m in methods:
+            values = cells.get((m, step))
+            row.append(f"{np.mean(values):9.1f} ± {np.std(values):7.1f}" if values else f"{'-':>20s}")
+        lines.append(f"{step:7d} " + " ".join(f"{c:>20s}" for c in row))
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], methods: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        by_step = defaultdict(list)
+        for p in points:
+            if p.method == m:
+                by_step[p.step].append(p.result.mean)
+        steps = sorted(by_step)
+        mean = np.array([np.mean(by_step[s]) for s in steps])
+        std = np.array([np.std(by_step[s]) for s in steps])
+        ax.plot(steps, mean, marker="o", label=m)
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("eval return (mean over seeds)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episodes: int,
+        threshold: float | None, overrides: list[str], out_dir: Path, progress: bool,
+        oracle: bool, mppi_budget: tuple[int, int] = (256, 6)) -> list[Point]:
+    """mppi_budget: (candidates, iterations) of the MPPI run; everything else is ami's own config."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    base = [f"env={env}", f"train.total_steps={steps}", f"train.eval_every={eval_every}",
+            f"train.eval_episodes={episodes}", f"progress={str(progress).lower()}", *overrides]
+    methods = ["ami", vs] if vs != "none" else ["ami"]
+    points: list[Point] = []
+    for seed in seeds:
+        cfg = load_config([*base, f"seed={seed}", f"runs_dir={out_dir}"])
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        print(f"== seed {seed}: ami", flush=True)
+        points += run_ami(cfg, out_dir / f"ami_s{seed}", "ami")
+        if vs == "mppi":
+            print(f"== seed {seed}: ami with MPPI", flush=True)
+            candidates, iterations = mppi_budget
+            mppi_cfg = load_config([*base, "agent.actor.planner=mppi", f"agent.actor.candidates={candidates}",
+                                    f"agent.actor.iterations={iterations}", f"seed={seed}", f"runs_dir={out_dir}"])
+            points += run_ami(mppi_cfg, out_dir / f"mppi_s{seed}", "mppi")
+        elif vs == "sac":
+            print(f"== seed {seed}: SAC", flush=True)
+            points += run_sac(cfg, progress)
+    cfg = load_config([*base, f"runs_dir={out_dir}"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "step", "return_mean", "return_std"])
+        for p in points:
+            writer.writerow([p.method, p.seed, p.step, f"{p.result.mean:.2f}", f"{p.result.std:.2f}"])
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    for p in points:
+        writer.add_scalar(f"bench/{p.method}/s{p.seed}/return_mean", p.result.mean, p.step)
+    writer.close()
+    print(f"\n{cfg.env.id}, {len(seeds)} seeds, {episodes} eval episodes each (mean ± std over seeds)")
+    print(table(points, methods))
+    if threshold is not None:
+        reached = {m: steps_to(points, m, threshold) for m in methods}
+        print(f"\nenv steps to reach {threshold} and stay there: "
+              + ", ".join(f"{m} {s if s is not None else 'not reached'}" for m, s in reached.items()))
+        if len(methods) == 2 and all(reached.values()):
+            print(f"ratio {methods[1]} / {methods[0]}: {reached[methods[1]] / reached[methods[0]]:.2f}")
+    if oracle:
+        if cfg.env.id != "Pendulum-v1":
+            print("(--oracle is for Pendulum-v1 only)")
+        else:
+            from ami.bench.oracle import true_dynamics_policy
+
+            agent_cfg = OmegaConf.to_object(cfg.agent)
+            result = run_episodes(true_dynamics_policy(agent_cfg.actor, agent_cfg.cost.discount),
+                                  cfg.env, episodes)
+            print(f"the same planner on the true dynamics, same starts: {result.mean:.1f} ± {result.std:.1f}")
+    plot(points, methods, out_dir / "learning_curve.png", f"{cfg.env.id}: ami vs {vs}")
+    print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'learning_curve.png'}, {out_dir / 'tensorboard'}")
+    return points

@@ -1,0 +1,119 @@
+"""`ami bench planner`: planning latency, latent steps per second and achieved FLOP/s against the
+same process's matmul FLOP/s, for the gradient planner and MPPI, eager and torch.compile'd."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from ami.build import build_agent, resolve_device
+from modules.actor import GradientPlanner, MPPIPlanner
+
+
+@dataclass(frozen=True)
+class PlannerResult:
+    planner: str
+    compiled: bool
+    batch: int  # action sequences optimised jointly (one environment, `batch` candidates)
+    horizon: int
+    iterations: int
+    median_ms: float
+    p90_ms: float
+    latent_steps_per_s: float
+    gflops: float
+    ceiling_fraction: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device, size: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a square fp32 matmul in this process: the ceiling achieved FLOP/s is read against."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterations: int,
+            repeats: int, compiled: bool, ceiling: float, device: torch.device) -> PlannerResult:
+    """Median and p90 of `repeats` plan calls on random latent states, after warm-up."""
+    agent_cfg = OmegaConf.to_object(cfg.agent)
+    agent_cfg.actor.candidates = batch
+    agent = build_agent(agent_cfg, 3, 1, list(cfg.env.observation_names) or ["obs_0", "obs_1", "obs_2"],
+                        device)
+    if compiled:
+        agent.actor.energy.compile()
+    planner = (GradientPlanner if planner_name == "gradient" else MPPIPlanner)(agent_cfg.actor)
+    weights = agent.cost.intrinsic.weight_vector().to(device)
+    energy_fn = agent.actor.energy.bind(weights)
+    generator = torch.Generator().manual_seed(0)
+    state = torch.randn(1, agent_cfg.perception.latent_dim, device=device)
+
+    def call() -> None:
+        planner.plan(state, energy_fn, horizon, iterations, 1, generator=generator)
+
+    for _ in range(3):  # warm-up (and compilation)
+        call()
+    with FlopCounterMode(display=False) as counter:
+        call()
+    flops = counter.get_total_flops()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    p90 = float(np.percentile(times, 90))
+    latent_steps = batch * horizon * max(iterations, 1)
+    return PlannerResult(planner_name, compiled, batch, horizon, iterations, 1000 * median, 1000 * p90,
+                         latent_steps / median, flops / median / 1e9, flops / median / ceiling)
+
+
+def run(cfg: DictConfig, out_dir: Path, grid: bool, repeats: int, compile_modes: list[bool],
+        device_name: str) -> list[PlannerResult]:
+    device = resolve_device(device_name)
+    ceiling = matmul_flops(device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, "
+          f"matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    actor = cfg.agent.actor
+    settings = [(actor.candidates, actor.horizon, actor.iterations)]
+    if grid:
+        settings += [s for s in itertools.product((16, 256, 1024), (8, 16, 32), (5, 10)) if s not in settings]
+    results = []
+    header = (f"{'planner':9s} {'compile':7s} {'batch':>5s} {'H':>3s} {'iters':>5s} {'median ms':>10s} "
+              f"{'p90 ms':>8s} {'latent steps/s':>15s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+    print(header)
+    for compiled, (batch, horizon, iterations), name in itertools.product(
+            compile_modes, settings, ("gradient", "mppi")):
+        r = measure(cfg, name, batch, horizon, iterations, repeats, compiled, ceiling, device)
+        results.append(r)
+        print(f"{r.planner:9s} {str(r.compiled):7s} {r.batch:5d} {r.horizon:3d} {r.iterations:5d} "
+              f"{r.median_ms:10.2f} {r.p90_ms:8.2f} {r.latent_steps_per_s:15,.0f} {r.gflops:8.2f} "
+              f"{100 * r.ceiling_fraction:8.1f}%", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "planner.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*PlannerResult.__dataclass_fields__, "matmul_gflops"])
+        for r in results:
+            writer.writerow([*r.__dict__.values(), f"{ceiling / 1e9:.2f}"])
+    print(f"wrote {out_dir / 'planner.csv'}")
+    return results

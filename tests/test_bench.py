@@ -1,0 +1,59 @@
+"""`ami bench planner` with tiny budgets: it runs, prints its table, and writes a CSV that parses."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+
+def test_bench_planner_writes_table_and_csv(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "ami.cli", "bench", "planner", "agent=tiny", "--compile", "off",
+         "--repeats", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "matmul ceiling" in result.stdout
+    rows = list(csv.DictReader((out / "planner.csv").open()))
+    assert [row["planner"] for row in rows] == ["gradient", "mppi"]
+    for row in rows:
+        assert float(row["median_ms"]) > 0
+        assert float(row["p90_ms"]) >= float(row["median_ms"])
+        assert float(row["gflops"]) > 0
+        assert 0 < float(row["ceiling_fraction"]) < 10
+        assert int(row["batch"]) == 8 and int(row["horizon"]) == 8  # the tiny agent's planner settings
+
+
+def test_bench_planner_rejects_bad_repeats(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ami.cli", "bench", "planner", "--repeats", "0",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--repeats" in result.stderr
+
+
+def _control(tmp_path, vs):
+    out = tmp_path / vs
+    result = subprocess.run(
+        [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
+         "train.pretrain_updates=20", "--steps", "200", "--seeds", "0", "1", "--eval-every", "100",
+         "--episodes", "2", "--vs", vs, "--mppi-budget", "16", "3", "--threshold", "-2000", "--no-progress",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result.stdout
+
+
+@pytest.mark.parametrize("vs", ["sac", "mppi"])
+def test_bench_control_writes_table_csv_and_plot(tmp_path, vs):
+    out, stdout = _control(tmp_path, vs)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # One row per (method, seed, eval step).
+    keys = sorted((r["method"], int(r["seed"]), int(r["step"])) for r in rows)
+    assert keys == sorted((m, s, step) for m in ("ami", vs) for s in (0, 1) for step in (100, 200))
+    assert all(float(r["return_mean"]) < 0 for r in rows)  # Pendulum returns are negative
+    assert f"{'ami':>20s} {vs:>20s}" in stdout
+    assert "env steps to reach -2000.0" in stdout
+    png = (out / "learning_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
