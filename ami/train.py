@@ -19,6 +19,7 @@ from ami.envs import make_env, observation_names
 from ami.evaluate import evaluate
 from ami.learner import Learner
 from ami.logger import Logger
+from ami.messages import Plan, Task
 from modules.cost import GuardrailError
 
 
@@ -108,7 +109,7 @@ class Trainer:
         self.step += 1
         return bool(terminated or truncated)
 
-    def _window_plan(self, plan, task) -> None:
+    def _window_plan(self, plan: Plan, task: Task) -> None:
         self.window["actor/energy_before"].append(plan.energy_before.mean().item())
         self.window["actor/energy_after"].append(plan.energy_after.mean().item())
         self.window["actor/energy_reduction"].append((plan.energy_before - plan.energy_after).mean().item())

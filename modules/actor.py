@@ -35,6 +35,7 @@ class PlanEnergy:
         self.critic = critic
         self.discount = discount
         self.value_weight = value_weight
+        self._compiled: Callable | None = None
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
                  use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +60,7 @@ class PlanEnergy:
         """An energy function for one task's weights: (T,)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
-        energy = getattr(self, "_compiled", None) or self.__call__
+        energy = self._compiled or self.__call__
         return lambda state, actions: energy(state, actions, analytic, use_step_head)
 
 
@@ -77,7 +78,8 @@ class GradientPlanner:
     """Mode-2: N action sequences per environment optimised jointly with Adam through energy_fn.
 
     Candidate 0 is the warm start (previous plan shifted by one step), candidate 1 the Mode-1
-    proposal when given; the rest are the warm start plus Gaussian noise. Projection onto [-1, 1]
+    proposal when given; the rest are the warm start plus Gaussian noise, and a share
+    (fresh_fraction) random constant actions plus noise. Projection onto [-1, 1]
     after each step keeps actions in bounds without the vanishing gradients of a squashing function.
     """
 
