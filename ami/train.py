@@ -71,6 +71,7 @@ class Trainer:
             self.load(latest_checkpoint(self.run_dir))
             if not read_only:
                 self._drop_eval_rows_after(self.step)
+                OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)  # with any new overrides
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
