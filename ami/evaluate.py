@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,18 @@ class EvalResult:
     @property
     def std(self) -> float:
         return float(self.returns.std())
+
+
+@contextmanager
+def fresh_plans(agent: Agent) -> Iterator[None]:
+    """Plan without the training episode's warm start, and give it back afterwards, so that
+    evaluation leaves training exactly as it was."""
+    saved = agent.actor.previous
+    agent.actor.reset()
+    try:
+        yield
+    finally:
+        agent.actor.previous = saved
 
 
 def run_episodes(policy: Callable[[np.ndarray], np.ndarray], env_config: EnvConfig, episodes: int,
@@ -60,18 +73,11 @@ def run_episodes(policy: Callable[[np.ndarray], np.ndarray], env_config: EnvConf
 
 
 def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int = EVAL_SEED) -> EvalResult:
-    """The agent without exploration on the fixed start states.
-
-    Its warm-start state is set aside and restored, so evaluation leaves training as it was.
-    """
-    saved = agent.actor.previous
-    agent.actor.reset()
+    """The agent without exploration on the fixed start states."""
     generator = torch.Generator().manual_seed(seed)
-    try:
+    with fresh_plans(agent):
         return run_episodes(lambda obs: agent.act(obs, explore=False, generator=generator)[0],
                             env_config, episodes, seed)
-    finally:
-        agent.actor.previous = saved
 
 
 def record_video(agent: Agent, env_config: EnvConfig, path: str | Path, seed: int = EVAL_SEED,
@@ -80,23 +86,21 @@ def record_video(agent: Agent, env_config: EnvConfig, path: str | Path, seed: in
     import imageio.v2 as imageio
 
     env = make_env(env_config, render_mode="rgb_array")
-    saved = agent.actor.previous
-    agent.actor.reset()
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
-    try:
-        obs, _ = env.reset(seed=seed)
-        frames = [env.render()]
-        done = False
-        while not done:
-            action, *_ = agent.act(obs[None], explore=False, generator=generator)
-            obs, reward, terminated, truncated, _ = env.step(action[0])
-            frames.append(env.render())
-            total += float(reward)
-            done = terminated or truncated
-    finally:
-        env.close()
-        agent.actor.previous = saved
+    with fresh_plans(agent):
+        try:
+            obs, _ = env.reset(seed=seed)
+            frames = [env.render()]
+            done = False
+            while not done:
+                action, *_ = agent.act(obs[None], explore=False, generator=generator)
+                obs, reward, terminated, truncated, _ = env.step(action[0])
+                frames.append(env.render())
+                total += float(reward)
+                done = terminated or truncated
+        finally:
+            env.close()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     imageio.mimwrite(str(path), frames, fps=fps, macro_block_size=1)
     return total
