@@ -61,12 +61,18 @@ def run_sac(cfg: DictConfig, progress: bool) -> list[Point]:
     return points
 
 
-def steps_to(points: list[Point], method: str, threshold: float) -> int | None:
-    """First eval step at which the mean over seeds reaches threshold, and every later one too."""
-    by_step = defaultdict(list)
+def seed_means(points: list[Point], method: str) -> dict[int, list[float]]:
+    """eval step -> each seed's mean return, for one method."""
+    by_step: dict[int, list[float]] = defaultdict(list)
     for p in points:
         if p.method == method:
             by_step[p.step].append(p.result.mean)
+    return by_step
+
+
+def steps_to(points: list[Point], method: str, threshold: float) -> int | None:
+    """First eval step at which the mean over seeds reaches threshold, and every later one too."""
+    by_step = seed_means(points, method)
     steps = sorted(by_step)
     for i, step in enumerate(steps):
         if all(np.mean(by_step[s]) >= threshold for s in steps[i:]):
@@ -97,10 +103,7 @@ def plot(points: list[Point], methods: list[str], path: Path, title: str) -> Non
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
-        by_step = defaultdict(list)
-        for p in points:
-            if p.method == m:
-                by_step[p.step].append(p.result.mean)
+        by_step = seed_means(points, m)
         steps = sorted(by_step)
         mean = np.array([np.mean(by_step[s]) for s in steps])
         std = np.array([np.std(by_step[s]) for s in steps])
