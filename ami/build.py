@@ -40,6 +40,8 @@ def build_agent(config: AgentConfig, obs_dim: int, action_dim: int, observation_
     memory = ShortTermMemory(obs_dim, action_dim, latent_dim, len(intrinsic.term_names), config.memory)
     policy = Policy(latent_dim, action_dim, config.actor).to(device)
     energy = PlanEnergy(world_model, intrinsic, critic, config.cost.discount, config.cost.value_weight)
+    if config.actor.compile:
+        energy.compile()
     actor = Actor(policy, energy, action_dim, config.actor)
     configurator = Configurator(config.configurator, intrinsic.default_weights, intrinsic.guardrail_names,
                                 config.actor.horizon, config.actor.iterations)

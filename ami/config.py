@@ -75,6 +75,9 @@ class CostConfig:
     critic_lr: float = 3e-4
     critic_tau: float = 0.01  # EMA rate of the critic's target network
     value_weight: float = 1.0  # weight of the terminal value in the plan energy
+    # Cost per step, forever, after the env terminates an episode (a fall, a crash): the critic's
+    # price of ending early. 0 suits envs whose termination is success or that never terminate.
+    termination_cost: float = 0.0
     grad_clip: float = 10.0
 
 
@@ -87,6 +90,7 @@ class MemoryConfig:
 @dataclass
 class ActorConfig:
     planner: str = "gradient"  # "gradient" or "mppi"
+    compile: bool = False  # torch.compile the plan energy and its gradient (the default agent turns it on)
     horizon: int = 20
     iterations: int = 5
     candidates: int = 16
@@ -225,6 +229,9 @@ def validate(cfg: DictConfig) -> None:
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:
         raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")
+    if a.cost.termination_cost and a.cost.discount == 1:
+        raise ConfigError(f"agent.cost.termination_cost={a.cost.termination_cost!r} needs "
+                          "agent.cost.discount < 1 (the cost is paid forever after termination)")
     names, guardrails = set(), set()
     for i, term in enumerate(a.cost.terms):
         key = f"agent.cost.terms[{i}]"

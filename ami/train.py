@@ -66,6 +66,7 @@ class Trainer:
         self.obs: np.ndarray | None = None
         self.episode_stats: dict[str, float] = defaultdict(float)
         self.window: dict[str, list[float]] = defaultdict(list)
+        self.plan_times_ms: list[float] = []  # every training-time planning call of this process
         self.last_return = float("nan")
         if resume:
             self.load(latest_checkpoint(self.run_dir))
@@ -115,6 +116,7 @@ class Trainer:
         self.window["actor/energy_after"].append(plan.energy_after.mean().item())
         self.window["actor/energy_reduction"].append((plan.energy_before - plan.energy_after).mean().item())
         self.window["actor/plan_time_ms"].append(1000 * plan.plan_time_s)
+        self.plan_times_ms.append(1000 * plan.plan_time_s)
         self.window["actor/mode"].append(1.0 if plan.mode == "mode1" else 2.0)
         self.window["configurator/horizon"].append(task.horizon)
         self.window["configurator/iterations"].append(task.iterations)

@@ -35,7 +35,9 @@ class PlanEnergy:
         self.critic = critic
         self.discount = discount
         self.value_weight = value_weight
-        self._compiled: Callable | None = None
+        self.compiled = False
+        self._forward: Callable = self.__call__
+        self._compiled_value_and_grad: Callable | None = None
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
                  use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,16 +54,74 @@ class PlanEnergy:
             energy = energy + self.value_weight * gammas[-1] * self.critic.value(states[-1])
         return energy, states
 
-    def compile(self) -> None:
-        """Run the energy through torch.compile (one graph per horizon and batch size)."""
-        self._compiled = torch.compile(self.__call__, dynamic=False)
+    def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
+                use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        energy, _ = self(state, actions, analytic_weights, use_step_head)
+        return energy.sum(), energy
 
-    def bind(self, weights: torch.Tensor) -> EnergyFn:
-        """An energy function for one task's weights: (T,)."""
+    def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
+                       use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (energy (B,), d energy / d actions (H, B, A)); no gradient reaches the parameters."""
+        if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
+            actions = actions.detach().requires_grad_(True)
+            with torch.enable_grad():
+                energy, _ = self(state.detach(), actions, analytic_weights, use_step_head)
+                (grad,) = torch.autograd.grad(energy.sum(), actions)
+            return energy.detach(), grad
+        with torch.no_grad():  # the transform differentiates the actions alone
+            grad, (_, energy) = self._compiled_value_and_grad(actions.detach(), state.detach(),
+                                                              analytic_weights, use_step_head)
+        return energy, grad
+
+    def compile(self) -> None:
+        """torch.compile the energy and its action gradient, each into one fused graph per shape.
+
+        Planning is a long chain of small ops (horizon x layers, forward and backward), so on a CPU
+        its cost is mostly per-op overhead; fusing removes most of it. The first call per batch size
+        and horizon compiles (about a minute on a 2-core CPU; Inductor caches it on disk after).
+        """
+        self._forward = torch.compile(self.__call__, dynamic=False)
+        self._compiled_value_and_grad = torch.compile(
+            torch.func.grad_and_value(self._summed, has_aux=True), dynamic=False, fullgraph=True)
+        self.compiled = True
+
+    def bind(self, weights: torch.Tensor) -> BoundEnergy:
+        """The energy for one task's weights: (T,)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
-        energy = self._compiled or self.__call__
-        return lambda state, actions: energy(state, actions, analytic, use_step_head)
+        return BoundEnergy(self, analytic, use_step_head)
+
+
+class BoundEnergy:
+    """An EnergyFn with its weights fixed, and a fast action gradient for the gradient planner."""
+
+    def __init__(self, energy: PlanEnergy, analytic_weights: torch.Tensor, use_step_head: bool) -> None:
+        self.energy = energy
+        self.analytic_weights = analytic_weights
+        self.use_step_head = use_step_head
+
+    def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.energy._forward(state, actions, self.analytic_weights, self.use_step_head)
+
+    def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.energy.value_and_grad(state, actions, self.analytic_weights, self.use_step_head)
+
+
+def energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
+                    actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """state: (B, D), actions: (H, B, A) -> (energy (B,), d energy / d actions (H, B, A)).
+
+    Uses the energy's own value_and_grad when it has one (PlanEnergy's, compiled or not), autograd
+    otherwise (a hand-written energy such as the true-dynamics oracle).
+    """
+    own = getattr(energy_fn, "value_and_grad", None)
+    if own is not None:
+        return own(state, actions)
+    actions = actions.detach().requires_grad_(True)
+    with torch.enable_grad():
+        energy, _ = energy_fn(state, actions)
+        (grad,) = torch.autograd.grad(energy.sum(), actions)
+    return energy.detach(), grad
 
 
 def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Tensor,
@@ -114,26 +174,29 @@ class GradientPlanner:
         batch, n = state.shape[0], self.config.candidates
         init = self.initial_candidates(batch, horizon, action_dim, state.device, warm_start,
                                        proposal, generator)
-        actions = init.flatten(1, 2).clone().requires_grad_(True)  # (H, B*N, A)
+        actions = init.flatten(1, 2)  # (H, B*N, A)
         states_in = state.detach().repeat_interleave(n, dim=0)  # (B*N, D)
-        optimiser = torch.optim.Adam([actions], lr=self.config.lr)
+        # Adam written out: torch.optim.Adam's per-step bookkeeping costs more than this whole update
+        # on a tensor this small, and planning runs every env step.
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        first, second = torch.zeros_like(actions), torch.zeros_like(actions)
         energy_before = None
-        for _ in range(iterations):
-            energy, _ = energy_fn(states_in, actions)
+        for k in range(1, iterations + 1):
+            energy, grad = energy_and_grad(energy_fn, states_in, actions)
             if energy_before is None:
-                energy_before = energy.detach().view(batch, n).min(1).values
-            (grad,) = torch.autograd.grad(energy.sum(), actions)
-            actions.grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            optimiser.step()
-            with torch.no_grad():
-                actions.clamp_(-1.0, 1.0)
+                energy_before = energy.view(batch, n).min(1).values
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            first = beta1 * first + (1 - beta1) * grad
+            second = beta2 * second + (1 - beta2) * grad.square()
+            step = (first / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
+            actions = (actions - self.config.lr * step).clamp(-1.0, 1.0)
         with torch.no_grad():
             energy, states = energy_fn(states_in, actions)
             if energy_before is None:
                 energy_before = energy.view(batch, n).min(1).values
-            best_actions, best_energy, best_states = _pick_best(actions.detach(), energy, states, batch)
+            best_actions, best_energy, best_states = _pick_best(actions, energy, states, batch)
         return Plan(best_actions, energy_before, best_energy, best_states,
-                    actions.detach().view(horizon, batch, n, action_dim), energy.view(batch, n),
+                    actions.view(horizon, batch, n, action_dim), energy.view(batch, n),
                     time.perf_counter() - start, "mode2")
 
 

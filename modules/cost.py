@@ -60,11 +60,25 @@ def _squared_error(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) ->
     return (q[p["quantity"]] - float(p.get("target", 0.0))).pow(2)
 
 
+def _distance(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """Euclidean norm of several quantities (a fingertip-to-target vector); the epsilon keeps the
+    gradient finite at the target itself."""
+    squares = sum(q[name].pow(2) for name in p["quantities"])
+    return (squares + 1e-6).sqrt()
+
+
+def _linear(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """scale * quantity: with a negative scale, a cost that rewards the quantity (forward speed)."""
+    return float(p.get("scale", 1.0)) * q[p["quantity"]]
+
+
 FORMULAS: dict[str, AnalyticFormula] = {
     "pendulum": _pendulum,
     "effort": _effort,
     "abs_bound": _abs_bound,
     "squared_error": _squared_error,
+    "distance": _distance,
+    "linear": _linear,
 }
 
 # Measured formulas: (reward, info, params) -> float, on real transitions only.
@@ -89,12 +103,15 @@ class IntrinsicCost:
             if term.formula not in table:
                 raise KeyError(f"cost term {term.name!r}: formula={term.formula!r} is not a "
                                f"{term.kind} formula; expected one of {sorted(table)}")
-            quantity = term.params.get("quantity")
-            if quantity is not None and quantity not in observation_names:
-                raise KeyError(f"cost term {term.name!r}: params.quantity={quantity!r}; "
-                               f"expected one of {observation_names}")
+            named = [term.params["quantity"]] if "quantity" in term.params else []
+            named += list(term.params.get("quantities", []))
+            for quantity in named:
+                if quantity not in observation_names:
+                    raise KeyError(f"cost term {term.name!r}: params names quantity {quantity!r}; "
+                                   f"expected one of {observation_names}")
         self._terms = tuple(
-            (t.name, t.formula, t.kind, bool(t.guardrail), MappingProxyType(dict(t.params)))
+            (t.name, t.formula, t.kind, bool(t.guardrail),
+             MappingProxyType({k: tuple(v) if isinstance(v, list | tuple) else v for k, v in t.params.items()}))
             for t in terms)
         self._names = tuple(t.name for t in terms)
         self._quantity_names = tuple(observation_names)
@@ -166,17 +183,20 @@ class IntrinsicCost:
 
 
 def value_targets(costs: torch.Tensor, terminated: torch.Tensor, bootstrap: torch.Tensor,
-                  discount: float) -> torch.Tensor:
+                  discount: float, terminal_value: float = 0.0) -> torch.Tensor:
     """Discounted cost-to-go for every step of a sequence.
 
     costs, terminated: (L, B); bootstrap: (B,) value of the state after the last step.
-    G_t = c_t + discount * (1 - terminated_t) * G_{t+1}, with G_L = bootstrap. A truncated episode
-    is not terminated: its last state still has a future, so the bootstrap applies.
+    G_t = c_t + discount * (terminal_value if terminated_t else G_{t+1}), with G_L = bootstrap.
+    A truncated episode is not terminated: its last state still has a future, so the bootstrap
+    applies. terminal_value prices the state after a termination: with costs >= 0 and a value of 0
+    there, ending the episode (a pole falling) would look cheaper than carrying on.
     """
     returns = torch.empty_like(costs)
     future = bootstrap
     for t in range(costs.shape[0] - 1, -1, -1):
-        future = costs[t] + discount * (1.0 - terminated[t].float()) * future
+        done = terminated[t].float()
+        future = costs[t] + discount * (done * terminal_value + (1.0 - done) * future)
         returns[t] = future
     return returns
 
@@ -204,7 +224,8 @@ class TrainableCritic(nn.Module):
         """states: (L + 1, B, D) detached latents; actions: (L, B, A); costs, terminated: (L, B)."""
         with torch.no_grad():
             bootstrap = self.target_value_head(states[-1]).squeeze(-1)
-            targets = value_targets(total_costs, terminated, bootstrap, self.config.discount)
+            terminal_value = self.config.termination_cost / (1.0 - self.config.discount)
+            targets = value_targets(total_costs, terminated, bootstrap, self.config.discount, terminal_value)
         value_loss = (self.value(states[:-1]) - targets).pow(2).mean()
         step_loss = (self.step_cost(states[:-1], actions) - measured_costs).pow(2).mean()
         stats = {"value_loss": value_loss.item(), "step_loss": step_loss.item(),

@@ -1,9 +1,11 @@
-"""`ami bench planner` with tiny budgets: it runs, prints its table, and writes a CSV that parses."""
+"""`ami bench planner` and `ami bench control` with tiny budgets: they run, print their tables, and write
+a CSV that parses (one row per setting, or per method, seed and eval step) and a PNG plot."""
 
 import csv
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -23,6 +25,7 @@ def test_bench_planner_writes_table_and_csv(tmp_path):
         assert float(row["gflops"]) > 0
         assert 0 < float(row["ceiling_fraction"]) < 10
         assert int(row["batch"]) == 8 and int(row["horizon"]) == 8  # the tiny agent's planner settings
+    assert (out / "planner.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_planner_rejects_bad_repeats(tmp_path):
@@ -52,6 +55,10 @@ def test_bench_control_writes_table_csv_and_plot(tmp_path, vs):
     keys = sorted((r["method"], int(r["seed"]), int(r["step"])) for r in rows)
     assert keys == sorted((m, s, step) for m in ("ami", vs) for s in (0, 1) for step in (100, 200))
     assert all(float(r["return_mean"]) < 0 for r in rows)  # Pendulum returns are negative
+    planning = {r["method"]: float(r["plan_ms_median"]) for r in rows}
+    assert planning["ami"] > 0
+    assert (planning[vs] > 0) if vs == "mppi" else np.isnan(planning[vs])  # SAC does not plan
+    assert "median planning time per env step" in stdout
     assert f"{'ami':>20s} {vs:>20s}" in stdout
     assert "env steps to reach -2000.0" in stdout
     png = (out / "learning_curve.png").read_bytes()

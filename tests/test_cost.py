@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ami.config import ConfiguratorConfig, CostConfig, load_config
+from ami.config import ConfiguratorConfig, CostConfig, CostTermConfig, load_config
 from ami.envs import make_env
 from ami.learner import Learner
 from modules.configurator import Configurator
@@ -228,3 +228,50 @@ def test_critic_loss_bootstraps_from_target_network():
     running_after, ended_after = losses()
     assert abs(running_after.item() - running_before.item()) > 1e-3
     assert ended_after.item() == ended_before.item()
+
+
+def test_terminal_value_prices_the_state_after_termination():
+    costs = torch.tensor([[1.0], [2.0], [3.0]])
+    end = torch.tensor([[False], [False], [True]])
+    # Terminated at the last step with terminal value 100: G2 = 3 + .5*100 = 53, G1 = 28.5, G0 = 15.25.
+    targets = value_targets(costs, end, torch.tensor([10.0]), 0.5, terminal_value=100.0)
+    torch.testing.assert_close(targets, torch.tensor([[15.25], [28.5], [53.0]]))
+
+
+def test_critic_terminal_value_comes_from_termination_cost():
+    config = CostConfig(discount=0.9, termination_cost=2.0)
+    critic = TrainableCritic(4, 1, config)
+    states = torch.zeros(2, 1, 4)
+    terminated = torch.tensor([[True]])
+    _, stats = critic.loss(states, torch.zeros(1, 1, 1), torch.tensor([[1.0]]), torch.zeros(1, 1), terminated)
+    # Target: 1 + 0.9 * 2 / (1 - 0.9) = 19.
+    assert stats["value_mean"] == pytest.approx(19.0)
+
+
+def test_distance_and_linear_formulas():
+    terms = [CostTermConfig(name="reach", formula="distance", kind="analytic",
+                            params={"quantities": ["dx", "dy"]}),
+             CostTermConfig(name="forward", formula="linear", kind="analytic",
+                            params={"quantity": "vx", "scale": -1.0})]
+    intrinsic = IntrinsicCost(terms, ["dx", "dy", "vx"])
+    values = intrinsic.analytic_terms(torch.tensor([[3.0, 4.0, 2.0], [0.0, 0.0, -1.0]]), torch.zeros(2, 1))
+    torch.testing.assert_close(values, torch.tensor([[5.0, -2.0], [0.001, 1.0]]), atol=1e-4, rtol=0)
+    # The distance's gradient stays finite at the target itself.
+    at_target = torch.zeros(1, 3, requires_grad=True)
+    intrinsic.analytic_terms(at_target, torch.zeros(1, 1))[0, 0].backward()
+    assert torch.isfinite(at_target.grad).all()
+
+
+def test_unknown_quantity_in_a_list_of_quantities_is_named():
+    terms = [CostTermConfig(name="reach", formula="distance", kind="analytic",
+                            params={"quantities": ["dx", "dz"]})]
+    with pytest.raises(KeyError, match="'dz'"):
+        IntrinsicCost(terms, ["dx", "dy"])
+
+
+def test_list_params_are_frozen():
+    terms = [CostTermConfig(name="reach", formula="distance", kind="analytic",
+                            params={"quantities": ["dx", "dy"]})]
+    intrinsic = IntrinsicCost(terms, ["dx", "dy"])
+    params = dict(intrinsic.describe()[0][5])
+    assert params["quantities"] == ("dx", "dy")

@@ -24,16 +24,19 @@ class Point:
     seed: int
     step: int
     result: EvalResult
+    plan_ms: float = float("nan")  # the run's median planning time per env step (nan for SAC)
 
 
 def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
     trainer = Trainer(cfg, run_dir)
     trainer.train()
+    plan_ms = float(np.median(trainer.plan_times_ms)) if trainer.plan_times_ms else float("nan")
     points = []
     with (run_dir / "eval.csv").open() as f:
         for row in csv.DictReader(f):
             returns = np.array([float(r) for r in row["returns"].split()])
-            points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, np.zeros(len(returns)))))
+            points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, np.zeros(len(returns))),
+                                plan_ms))
     return points
 
 
@@ -147,9 +150,10 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "step", "return_mean", "return_std"])
+        writer.writerow(["method", "seed", "step", "return_mean", "return_std", "plan_ms_median"])
         for p in points:
-            writer.writerow([p.method, p.seed, p.step, f"{p.result.mean:.2f}", f"{p.result.std:.2f}"])
+            writer.writerow([p.method, p.seed, p.step, f"{p.result.mean:.2f}", f"{p.result.std:.2f}",
+                             f"{p.plan_ms:.2f}"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     for p in points:
         writer.add_scalar(f"bench/{p.method}/s{p.seed}/return_mean", p.result.mean, p.step)
@@ -162,6 +166,12 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
               + ", ".join(f"{m} {s if s is not None else 'not reached'}" for m, s in reached.items()))
         if len(methods) == 2 and all(reached.values()):
             print(f"ratio {methods[1]} / {methods[0]}: {reached[methods[1]] / reached[methods[0]]:.2f}")
+    plan_ms = {m: float(np.nanmedian([p.plan_ms for p in points if p.method == m]))
+               for m in methods if m != "sac"}
+    print("\nmedian planning time per env step while training: "
+          + ", ".join(f"{m} {ms:.1f} ms" for m, ms in plan_ms.items()))
+    if len(plan_ms) == 2:
+        print(f"ratio ami / {vs}: {plan_ms['ami'] / plan_ms[vs]:.2f}")
     if oracle:
         if cfg.env.id != "Pendulum-v1":
             print("(--oracle is for Pendulum-v1 only)")

@@ -53,27 +53,32 @@ def matmul_flops(device: torch.device, size: int = 1024, repeats: int = 10) -> f
 
 def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterations: int,
             repeats: int, compiled: bool, ceiling: float, device: torch.device) -> PlannerResult:
-    """Median and p90 of `repeats` plan calls on random latent states, after warm-up."""
+    """Median and p90 of `repeats` plan calls on random latent states, after warm-up.
+
+    FLOPs are counted on the eager run (the compiled graph does the same matmuls, fused with the
+    element-wise work around them) and divided by the measured time.
+    """
     agent_cfg = OmegaConf.to_object(cfg.agent)
     agent_cfg.actor.candidates = batch
+    agent_cfg.actor.compile = False
     agent = build_agent(agent_cfg, 3, 1, list(cfg.env.observation_names) or ["obs_0", "obs_1", "obs_2"],
                         device)
-    if compiled:
-        agent.actor.energy.compile()
     planner = (GradientPlanner if planner_name == "gradient" else MPPIPlanner)(agent_cfg.actor)
     weights = agent.cost.intrinsic.weight_vector().to(device)
-    energy_fn = agent.actor.energy.bind(weights)
     generator = torch.Generator().manual_seed(0)
     state = torch.randn(1, agent_cfg.perception.latent_dim, device=device)
 
     def call() -> None:
-        planner.plan(state, energy_fn, horizon, iterations, 1, generator=generator)
+        planner.plan(state, agent.actor.energy.bind(weights), horizon, iterations, 1, generator=generator)
 
-    for _ in range(3):  # warm-up (and compilation)
-        call()
+    call()
     with FlopCounterMode(display=False) as counter:
         call()
     flops = counter.get_total_flops()
+    if compiled:
+        agent.actor.energy.compile()
+    for _ in range(3):  # warm-up (and compilation)
+        call()
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -86,6 +91,38 @@ def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterat
     latent_steps = batch * horizon * max(iterations, 1)
     return PlannerResult(planner_name, compiled, batch, horizon, iterations, 1000 * median, 1000 * p90,
                          latent_steps / median, flops / median / 1e9, flops / median / ceiling)
+
+
+def plot(results: list[PlannerResult], ceiling: float, path: Path, title: str) -> None:
+    """Latency and share of the matmul ceiling against batch, one line per planner and compile mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (latency, share) = plt.subplots(1, 2, figsize=(11, 4))
+    groups: dict[tuple, list[PlannerResult]] = {}
+    for r in results:
+        groups.setdefault((r.planner, r.compiled, r.horizon, r.iterations), []).append(r)
+    for (name, compiled, horizon, iterations), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r.batch)
+        label = f"{name}{' compiled' if compiled else ''} H{horizon} x{iterations}"
+        style = "-o" if name == "gradient" else "--s"
+        latency.plot([r.batch for r in rows], [r.median_ms for r in rows], style, label=label)
+        share.plot([r.batch for r in rows], [100 * r.ceiling_fraction for r in rows], style, label=label)
+    latency.axhline(20.0, color="grey", lw=0.8, ls=":", label="20 ms (50 Hz)")
+    for axis in (latency, share):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("action sequences planned jointly (batch)")
+    latency.set_yscale("log")
+    latency.set_ylabel("median ms per planning call")
+    share.set_ylabel(f"% of matmul FLOP/s ({ceiling / 1e9:.0f} GFLOP/s)")
+    share.axhline(50.0, color="grey", lw=0.8, ls=":")
+    latency.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def run(cfg: DictConfig, out_dir: Path, grid: bool, repeats: int, compile_modes: list[bool],
@@ -115,5 +152,7 @@ def run(cfg: DictConfig, out_dir: Path, grid: bool, repeats: int, compile_modes:
         writer.writerow([*PlannerResult.__dataclass_fields__, "matmul_gflops"])
         for r in results:
             writer.writerow([*r.__dict__.values(), f"{ceiling / 1e9:.2f}"])
-    print(f"wrote {out_dir / 'planner.csv'}")
+    plot(results, ceiling, out_dir / "planner.png",
+         f"ami bench planner on {device} ({torch.get_num_threads()} threads)")
+    print(f"wrote {out_dir / 'planner.csv'} and {out_dir / 'planner.png'}")
     return results
