@@ -55,23 +55,24 @@ class PlanEnergy:
         return energy, states
 
     def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
-                use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        energy, _ = self(state, actions, analytic_weights, use_step_head)
-        return energy.sum(), energy
+                use_step_head: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        energy, states = self(state, actions, analytic_weights, use_step_head)
+        return energy.sum(), (energy, states)
 
     def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
-                       use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (energy (B,), d energy / d actions (H, B, A)); no gradient reaches the parameters."""
+                       use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
+        the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
             actions = actions.detach().requires_grad_(True)
             with torch.enable_grad():
-                energy, _ = self(state.detach(), actions, analytic_weights, use_step_head)
+                energy, states = self(state.detach(), actions, analytic_weights, use_step_head)
                 (grad,) = torch.autograd.grad(energy.sum(), actions)
-            return energy.detach(), grad
+            return energy.detach(), grad, states.detach()
         with torch.no_grad():  # the transform differentiates the actions alone
-            grad, (_, energy) = self._compiled_value_and_grad(actions.detach(), state.detach(),
-                                                              analytic_weights, use_step_head)
-        return energy, grad
+            grad, (_, (energy, states)) = self._compiled_value_and_grad(actions.detach(), state.detach(),
+                                                                   analytic_weights, use_step_head)
+        return energy, grad, states
 
     def compile(self) -> None:
         """torch.compile the energy and its action gradient, each into one fused graph per shape.
@@ -103,13 +104,15 @@ class BoundEnergy:
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.energy._forward(state, actions, self.analytic_weights, self.use_step_head)
 
-    def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_grad(self, state: torch.Tensor,
+                       actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.energy.value_and_grad(state, actions, self.analytic_weights, self.use_step_head)
 
 
 def energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
-                    actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """state: (B, D), actions: (H, B, A) -> (energy (B,), d energy / d actions (H, B, A)).
+                    actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """state: (B, D), actions: (H, B, A) -> (energy (B,), d energy / d actions (H, B, A),
+    states (H+1, B, D)).
 
     Uses the energy's own value_and_grad when it has one (PlanEnergy's, compiled or not), autograd
     otherwise (a hand-written energy such as the true-dynamics oracle).
@@ -119,9 +122,9 @@ def energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
         return own(state, actions)
     actions = actions.detach().requires_grad_(True)
     with torch.enable_grad():
-        energy, _ = energy_fn(state, actions)
+        energy, states = energy_fn(state, actions)
         (grad,) = torch.autograd.grad(energy.sum(), actions)
-    return energy.detach(), grad
+    return energy.detach(), grad, states.detach()
 
 
 def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Tensor,
@@ -132,6 +135,28 @@ def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Ten
     per_env = energy.view(batch, -1)
     best = per_env.argmin(1) + torch.arange(batch, device=energy.device) * per_env.shape[1]
     return candidates[:, best], energy[best], states[:, best]
+
+
+class _Best:
+    """Each candidate's best sequence over the iterations: Adam's normalised steps move every action
+    by about lr whatever its gradient, which on a sensitive system (a pole one push from falling)
+    can make a good sequence worse. The planner never returns worse than it has already evaluated."""
+
+    def __init__(self, actions: torch.Tensor) -> None:
+        self.actions = actions  # (H, M, A)
+        self.energy: torch.Tensor | None = None  # (M,)
+        self.states: torch.Tensor | None = None  # (H + 1, M, D)
+        self.first_energy: torch.Tensor | None = None
+
+    def offer(self, actions: torch.Tensor, energy: torch.Tensor, states: torch.Tensor) -> None:
+        energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
+        if self.energy is None:
+            self.actions, self.energy, self.states, self.first_energy = actions, energy, states, energy
+            return
+        better = energy < self.energy
+        self.energy = torch.where(better, energy, self.energy)
+        self.actions = torch.where(better[None, :, None], actions, self.actions)
+        self.states = torch.where(better[None, :, None], states, self.states)
 
 
 class GradientPlanner:
@@ -180,11 +205,10 @@ class GradientPlanner:
         # on a tensor this small, and planning runs every env step.
         beta1, beta2, eps = 0.9, 0.999, 1e-8
         first, second = torch.zeros_like(actions), torch.zeros_like(actions)
-        energy_before = None
+        kept = _Best(actions)
         for k in range(1, iterations + 1):
-            energy, grad = energy_and_grad(energy_fn, states_in, actions)
-            if energy_before is None:
-                energy_before = energy.view(batch, n).min(1).values
+            energy, grad, states = energy_and_grad(energy_fn, states_in, actions)
+            kept.offer(actions, energy, states)
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             first = beta1 * first + (1 - beta1) * grad
             second = beta2 * second + (1 - beta2) * grad.square()
@@ -192,11 +216,11 @@ class GradientPlanner:
             actions = (actions - self.config.lr * step).clamp(-1.0, 1.0)
         with torch.no_grad():
             energy, states = energy_fn(states_in, actions)
-            if energy_before is None:
-                energy_before = energy.view(batch, n).min(1).values
-            best_actions, best_energy, best_states = _pick_best(actions, energy, states, batch)
+        kept.offer(actions, energy, states)
+        energy_before = kept.first_energy.view(batch, n).min(1).values
+        best_actions, best_energy, best_states = _pick_best(kept.actions, kept.energy, kept.states, batch)
         return Plan(best_actions, energy_before, best_energy, best_states,
-                    actions.view(horizon, batch, n, action_dim), energy.view(batch, n),
+                    kept.actions.view(horizon, batch, n, action_dim), kept.energy.view(batch, n),
                     time.perf_counter() - start, "mode2")
 
 
