@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("overrides", nargs="*", help="config overrides for ami, as for train")
     control.add_argument("--env", default="pendulum", help="an env preset under configs/env/")
     control.add_argument("--steps", type=int, default=3000)
+    control.add_argument("--peer-steps", type=int, default=None,
+                         help="the peer's env steps, when longer than ami's (default: --steps)")
     control.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     control.add_argument("--vs", choices=("sac", "mppi", "none"), default="sac")
     control.add_argument("--eval-every", type=int, default=500)
@@ -64,13 +66,14 @@ def _bench(args: argparse.Namespace) -> int:
     from ami.bench import control, planner
 
     if args.bench == "control":
-        for name in ("steps", "eval_every", "episodes"):
-            if getattr(args, name) < 1:
+        for name in ("steps", "eval_every", "episodes", "peer_steps"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / "bench" / f"control__{args.env}__{stamp}"
         control.run(args.env, args.steps, args.seeds, args.vs, args.eval_every, args.episodes, args.threshold,
-                    args.overrides, out, not args.no_progress, args.oracle, tuple(args.mppi_budget))
+                    args.overrides, out, not args.no_progress, args.oracle, tuple(args.mppi_budget),
+                    args.peer_steps)
         return 0
     if args.repeats < 1:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive number")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -10,6 +11,10 @@ import numpy as np
 from gymnasium.wrappers import RescaleAction
 
 from ami.config import EnvConfig
+
+# MuJoCo picks its OpenGL backend when first imported; headless machines render through EGL.
+# A machine with a display can still choose another backend by setting MUJOCO_GL itself.
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 class UnsupportedEnvError(ValueError):

@@ -284,4 +284,8 @@ class Trainer:
 def describe(trainer: Trainer) -> str:
     counts = parameter_counts(trainer.agent)
     parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
-    return f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}"
+    actor = trainer.agent.actor
+    planning = f"planner: {actor.config.planner}"
+    if actor.energy.compiled:
+        planning += ", torch.compile'd (each new batch size compiles on first use: about a minute cold)"
+    return f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}"

@@ -72,7 +72,22 @@ def _linear(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.
     return float(p.get("scale", 1.0)) * q[p["quantity"]]
 
 
+def _mountaincar_energy(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """Mechanical energy still missing to reach the flag, in [0, ~1]: a drive to swing higher.
+
+    MountainCarContinuous-v0 moves as v' = v + 0.0015 F - 0.0025 cos(3x), x' = x + v, so
+    0.5 v^2 + (0.0025 / 3) sin(3x) is (nearly) conserved without force. The flag at x = 0.45 sits at
+    potential U(0.45); the valley floor at U(-pi/6). Zero once the car has the energy to arrive."""
+    def potential(x: torch.Tensor | float) -> torch.Tensor:
+        return 0.0025 / 3.0 * torch.sin(3.0 * torch.as_tensor(x))
+
+    goal, floor = potential(float(p.get("goal_position", 0.45))), potential(-math.pi / 6)
+    energy = 0.5 * q["velocity"].pow(2) + potential(q["position"])
+    return torch.relu(goal - energy) / (goal - floor)
+
+
 FORMULAS: dict[str, AnalyticFormula] = {
+    "mountaincar_energy": _mountaincar_energy,
     "pendulum": _pendulum,
     "effort": _effort,
     "abs_bound": _abs_bound,

@@ -35,25 +35,27 @@ def test_bench_planner_rejects_bad_repeats(tmp_path):
     assert "--repeats" in result.stderr
 
 
-def _control(tmp_path, vs):
+def _control(tmp_path, vs, *extra):
     out = tmp_path / vs
     result = subprocess.run(
         [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
          "train.pretrain_updates=20", "--steps", "200", "--seeds", "0", "1", "--eval-every", "100",
          "--episodes", "2", "--vs", vs, "--mppi-budget", "16", "3", "--threshold", "-2000", "--no-progress",
-         "--out", str(out)],
+         "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return out, result.stdout
 
 
-@pytest.mark.parametrize("vs", ["sac", "mppi"])
-def test_bench_control_writes_table_csv_and_plot(tmp_path, vs):
-    out, stdout = _control(tmp_path, vs)
+@pytest.mark.parametrize(("vs", "peer_steps"), [("sac", 300), ("mppi", 200)])
+def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, peer_steps):
+    out, stdout = _control(tmp_path, vs, "--peer-steps", str(peer_steps))
     rows = list(csv.DictReader((out / "results.csv").open()))
-    # One row per (method, seed, eval step).
+    # One row per (method, seed, eval step); the peer runs its own budget.
     keys = sorted((r["method"], int(r["seed"]), int(r["step"])) for r in rows)
-    assert keys == sorted((m, s, step) for m in ("ami", vs) for s in (0, 1) for step in (100, 200))
+    budgets = {"ami": 200, vs: peer_steps}
+    assert keys == sorted((m, s, step) for m in ("ami", vs) for s in (0, 1)
+                          for step in range(100, budgets[m] + 1, 100))
     assert all(float(r["return_mean"]) < 0 for r in rows)  # Pendulum returns are negative
     planning = {r["method"]: float(r["plan_ms_median"]) for r in rows}
     assert planning["ami"] > 0

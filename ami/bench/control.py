@@ -123,16 +123,20 @@ def plot(points: list[Point], methods: list[str], path: Path, title: str) -> Non
 
 def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episodes: int,
         threshold: float | None, overrides: list[str], out_dir: Path, progress: bool,
-        oracle: bool, mppi_budget: tuple[int, int] = (256, 6)) -> list[Point]:
-    """mppi_budget: (candidates, iterations) of the MPPI run; everything else is ami's own config."""
+        oracle: bool, mppi_budget: tuple[int, int] = (256, 6), peer_steps: int | None = None) -> list[Point]:
+    """mppi_budget: (candidates, iterations) of the MPPI run; everything else is ami's own config.
+    peer_steps: the peer's env-step budget when it differs from ami's (a model-free peer's longer run)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    base = [f"env={env}", f"train.total_steps={steps}", f"train.eval_every={eval_every}",
-            f"train.eval_episodes={episodes}", f"progress={str(progress).lower()}", *overrides]
+    common = [f"env={env}", f"train.eval_every={eval_every}", f"train.eval_episodes={episodes}",
+              f"progress={str(progress).lower()}", *overrides]
+    base = [*common, f"train.total_steps={steps}"]
+    peer_base = [*common, f"train.total_steps={peer_steps or steps}"]
     methods = ["ami", vs] if vs != "none" else ["ami"]
     points: list[Point] = []
     for seed in seeds:
         cfg = load_config([*base, f"seed={seed}", f"runs_dir={out_dir}"])
+        peer_cfg = load_config([*peer_base, f"seed={seed}", f"runs_dir={out_dir}"])
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         print(f"== seed {seed}: ami", flush=True)
@@ -140,12 +144,12 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
         if vs == "mppi":
             print(f"== seed {seed}: ami with MPPI", flush=True)
             candidates, iterations = mppi_budget
-            mppi_cfg = load_config([*base, "agent.actor.planner=mppi", f"agent.actor.candidates={candidates}",
+            mppi_cfg = load_config([*peer_base, "agent.actor.planner=mppi", f"agent.actor.candidates={candidates}",
                                     f"agent.actor.iterations={iterations}", f"seed={seed}", f"runs_dir={out_dir}"])
             points += run_ami(mppi_cfg, out_dir / f"mppi_s{seed}", "mppi")
         elif vs == "sac":
             print(f"== seed {seed}: SAC", flush=True)
-            points += run_sac(cfg, progress)
+            points += run_sac(peer_cfg, progress)
     cfg = load_config([*base, f"runs_dir={out_dir}"])
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "results.csv").open("w", newline="") as f:
