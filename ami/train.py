@@ -259,7 +259,10 @@ class Trainer:
         agent.world_model.load_state_dict(state["world_model"])
         agent.cost.critic.load_state_dict(state["critic"])
         agent.actor.policy.load_state_dict(state["policy"])
-        for name, weight in state["configurator"]["weights"].items():
+        # The checkpoint's weights, then this configuration's explicit ones on top: a weight given
+        # when resuming (`agent.configurator.weights.effort=0.5`) takes effect.
+        explicit = dict(self.cfg.agent.configurator.weights)
+        for name, weight in {**state["configurator"]["weights"], **explicit}.items():
             agent.configurator.set_weight(name, weight)
         agent.configurator.report(policy_error=state["configurator"]["policy_error"])
         agent.actor.previous = state["actor_previous"]

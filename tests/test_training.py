@@ -277,7 +277,7 @@ def random_returns(env_config, episodes, seed=0):
 def test_short_run_beats_random_actions_on_pendulum(tmp_path):
     # Measured: about 50 s here; seeds 0-3 all reach -100 to -230 against about -1100 for random.
     cfg = load_config([
-        "agent=ami", "progress=false", "seed=0", f"runs_dir={tmp_path}",
+        "agent=ami", "agent.actor.compile=false", "progress=false", "seed=0", f"runs_dir={tmp_path}",
         "train.total_steps=800", "train.seed_steps=200", "train.pretrain_updates=200",
         "train.eval_every=100000", "train.checkpoint_every=100000", "train.log_every=100",
         "agent.perception.latent_dim=32", "agent.perception.hidden_dim=64", "agent.world_model.hidden_dim=64",
@@ -336,3 +336,14 @@ def test_loading_a_checkpoint_with_a_different_guardrail_raises(tiny_run, tmp_pa
     with pytest.raises(GuardrailError, match="speed_limit"):
         Trainer(cfg, tiny_run.run_dir, resume=True, read_only=True)
     assert (tiny_run.run_dir / "checkpoints" / "latest.pt").read_bytes() == checkpoint
+
+
+def test_a_configurator_weight_given_on_resume_takes_effect(tiny_run):
+    before = tiny_run.trainer.agent.configurator.weights["effort"]
+    cfg = load_saved(tiny_run.run_dir / "config.yaml", ["agent.configurator.weights.effort=0.5"])
+    loaded = Trainer(cfg, tiny_run.run_dir, resume=True, read_only=True)
+    assert before != 0.5
+    assert loaded.agent.configurator.weights["effort"] == 0.5
+    # The other weights come back from the checkpoint unchanged.
+    others = {k: v for k, v in loaded.agent.configurator.weights.items() if k != "effort"}
+    assert others == {k: v for k, v in tiny_run.trainer.agent.configurator.weights.items() if k != "effort"}
