@@ -35,7 +35,6 @@ class PlanEnergy:
         self.critic = critic
         self.discount = discount
         self.value_weight = value_weight
-        self.compiled = False
         self._forward: Callable = self.__call__
         self._compiled_value_and_grad: Callable | None = None
 
@@ -64,11 +63,8 @@ class PlanEnergy:
         """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
         the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
-            actions = actions.detach().requires_grad_(True)
-            with torch.enable_grad():
-                energy, states = self(state.detach(), actions, analytic_weights, use_step_head)
-                (grad,) = torch.autograd.grad(energy.sum(), actions)
-            return energy.detach(), grad, states.detach()
+            return _autograd_energy_and_grad(
+                lambda s, a: self(s, a, analytic_weights, use_step_head), state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
             grad, (_, (energy, states)) = self._compiled_value_and_grad(actions.detach(), state.detach(),
                                                                    analytic_weights, use_step_head)
@@ -84,7 +80,10 @@ class PlanEnergy:
         self._forward = torch.compile(self.__call__, dynamic=False)
         self._compiled_value_and_grad = torch.compile(
             torch.func.grad_and_value(self._summed, has_aux=True), dynamic=False, fullgraph=True)
-        self.compiled = True
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_value_and_grad is not None
 
     def bind(self, weights: torch.Tensor) -> BoundEnergy:
         """The energy for one task's weights: (T,)."""
@@ -120,6 +119,11 @@ def energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
     own = getattr(energy_fn, "value_and_grad", None)
     if own is not None:
         return own(state, actions)
+    return _autograd_energy_and_grad(energy_fn, state, actions)
+
+
+def _autograd_energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
+                              actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     actions = actions.detach().requires_grad_(True)
     with torch.enable_grad():
         energy, states = energy_fn(state, actions)
@@ -129,9 +133,8 @@ def energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
 
 def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Tensor,
                batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """candidates: (H, B*N, A), energy: (B*N,), states: (H+1, B*N, D) -> best per env."""
-    # A non-finite energy (a diverged imagined state) must never win.
-    energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
+    """candidates: (H, B*N, A), energy: (B*N,) finite or +inf (as _Best keeps it), states: (H+1, B*N, D)
+    -> best per env."""
     per_env = energy.view(batch, -1)
     best = per_env.argmin(1) + torch.arange(batch, device=energy.device) * per_env.shape[1]
     return candidates[:, best], energy[best], states[:, best]
@@ -149,6 +152,7 @@ class _Best:
         self.first_energy: torch.Tensor | None = None
 
     def offer(self, actions: torch.Tensor, energy: torch.Tensor, states: torch.Tensor) -> None:
+        # A non-finite energy (a diverged imagined state) must never win.
         energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
         if self.energy is None:
             self.actions, self.energy, self.states, self.first_energy = actions, energy, states, energy
@@ -265,6 +269,15 @@ class MPPIPlanner:
                     time.perf_counter() - start, "mode2")
 
 
+def shift_plan(previous: torch.Tensor, horizon: int) -> torch.Tensor:
+    """The warm start for the next step: previous (H', B, A) advanced one step, its last action
+    repeated to fill `horizon` -> (horizon, B, A)."""
+    shifted = torch.cat([previous[1:], previous[-1:]], dim=0)
+    if shifted.shape[0] < horizon:
+        shifted = torch.cat([shifted, shifted[-1:].expand(horizon - shifted.shape[0], -1, -1)])
+    return shifted[:horizon]
+
+
 class Policy(nn.Module):
     """Mode-1: a reactive policy, state (B, D) -> action (B, A) in [-1, 1], imitating Mode-2 plans."""
 
@@ -307,10 +320,7 @@ class Actor:
         prev = self.previous
         if prev is None or prev.shape[1] != batch:
             return None
-        shifted = torch.cat([prev[1:], prev[-1:]], dim=0)
-        if shifted.shape[0] < horizon:
-            shifted = torch.cat([shifted, shifted[-1:].expand(horizon - shifted.shape[0], -1, -1)])
-        return shifted[:horizon]
+        return shift_plan(prev, horizon)
 
     def act(self, percept: Percept, task: Task, weights: torch.Tensor,
             generator: torch.Generator | None = None) -> Plan:

@@ -78,11 +78,10 @@ def _mountaincar_energy(q: Quantities, action: torch.Tensor, p: Mapping[str, Any
     MountainCarContinuous-v0 moves as v' = v + 0.0015 F - 0.0025 cos(3x), x' = x + v, so
     0.5 v^2 + (0.0025 / 3) sin(3x) is (nearly) conserved without force. The flag at x = 0.45 sits at
     potential U(0.45); the valley floor at U(-pi/6). Zero once the car has the energy to arrive."""
-    def potential(x: torch.Tensor | float) -> torch.Tensor:
-        return 0.0025 / 3.0 * torch.sin(3.0 * torch.as_tensor(x))
-
-    goal, floor = potential(float(p.get("goal_position", 0.45))), potential(-math.pi / 6)
-    energy = 0.5 * q["velocity"].pow(2) + potential(q["position"])
+    scale = 0.0025 / 3.0
+    goal = scale * math.sin(3.0 * float(p.get("goal_position", 0.45)))
+    floor = scale * math.sin(3.0 * -math.pi / 6)
+    energy = 0.5 * q["velocity"].pow(2) + scale * torch.sin(3.0 * q["position"])
     return torch.relu(goal - energy) / (goal - floor)
 
 

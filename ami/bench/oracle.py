@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ami.config import ActorConfig
-from modules.actor import EnergyFn, GradientPlanner, MPPIPlanner
+from modules.actor import EnergyFn, GradientPlanner, MPPIPlanner, shift_plan
 from modules.cost import discount_weights
 
 GRAVITY, MASS, LENGTH, DT, MAX_SPEED, MAX_TORQUE = 10.0, 1.0, 1.0, 0.05, 8.0, 2.0
@@ -50,7 +50,7 @@ def true_dynamics_policy(config: ActorConfig, discount: float, seed: int = 0) ->
     def policy(obs: np.ndarray) -> np.ndarray:
         state = torch.as_tensor(np.stack([np.arctan2(obs[:, 1], obs[:, 0]), obs[:, 2]], axis=1),
                                 dtype=torch.float32)
-        warm = torch.cat([previous[0][1:], previous[0][-1:]]) if previous else None
+        warm = shift_plan(previous[0], config.horizon) if previous else None
         plan = planner.plan(state, energy, config.horizon, config.iterations, 1, warm, None, generator)
         previous[:] = [plan.actions]
         return plan.actions[0].numpy()
