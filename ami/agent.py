@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from ami.messages import Percept, Plan, Record, Task
+from ami.messages import Percept, Plan, Record, ShieldDecision, Task
 from modules.actor import Actor
 from modules.configurator import Configurator
 from modules.cost import Cost
 from modules.memory import ShortTermMemory
 from modules.perception import Perception
+from modules.shield import Shield
 from modules.world_model import WorldModel
 
 
 class Agent:
-    """obs -perception-> Percept -configurator-> Task -actor-> Plan -> action; real transitions
-    -intrinsic cost-> terms -memory-> Record."""
+    """obs -perception-> Percept -configurator-> Task -actor-> Plan -shield-> action; real
+    transitions -intrinsic cost-> terms -memory-> Record."""
 
     def __init__(self, perception: Perception, world_model: WorldModel, cost: Cost,
-                 memory: ShortTermMemory, actor: Actor, configurator: Configurator,
+                 memory: ShortTermMemory, actor: Actor, configurator: Configurator, shield: Shield,
                  device: torch.device, exploration_std: float = 0.0) -> None:
         self.perception = perception
         self.world_model = world_model
@@ -30,16 +32,20 @@ class Agent:
         self.memory = memory
         self.actor = actor
         self.configurator = configurator
+        self.shield = shield
         self.device = device
         self.exploration_std = exploration_std
+        # The world model's predictions are checked only once it has learned something; until then
+        # the shield rests on the ego model alone. The trainer turns this on after the seed phase.
+        self.world_model_trained = False
 
     def perceive(self, obs: np.ndarray) -> Percept:
         """obs: (B, obs_dim) -> Percept with state (B, D)."""
         with torch.no_grad():
             return Percept(self.perception(torch.as_tensor(obs, dtype=torch.float32, device=self.device)))
 
-    def act(self, obs: np.ndarray, explore: bool = False,
-            generator: torch.Generator | None = None) -> tuple[np.ndarray, Percept, Task, Plan]:
+    def act(self, obs: np.ndarray, explore: bool = False, generator: torch.Generator | None = None
+            ) -> tuple[np.ndarray, Percept, Task, Plan, ShieldDecision]:
         """obs: (B, obs_dim) -> actions (B, A) in [-1, 1], and the messages that produced them."""
         percept = self.perceive(obs)
         task = self.configurator.configure(percept)
@@ -48,9 +54,27 @@ class Agent:
         action = plan.actions[0].detach().cpu()
         if explore and self.exploration_std > 0:
             action = action + self.exploration_std * torch.randn(action.shape, generator=generator)
-        # Whatever the planner produced, what leaves the agent is finite and in bounds.
+        # Whatever the planner produced, what leaves the agent is finite, in bounds, and shielded.
         action = torch.nan_to_num(action, nan=0.0).clamp(-1.0, 1.0)
-        return action.numpy(), percept, task, plan
+        order = plan.candidate_energy.argsort(dim=1)  # the shield prefers the planner's best candidates
+        alternatives = plan.candidates[0].gather(1, order[..., None].expand(-1, -1, plan.candidates.shape[-1]))
+        decision = self.shield_actions(obs, action.numpy(), percept, alternatives.detach())
+        return decision.actions.numpy(), percept, task, plan, decision
+
+    def shield_actions(self, obs: np.ndarray, proposed: np.ndarray, percept: Percept | None = None,
+                       alternatives: torch.Tensor | None = None) -> ShieldDecision:
+        """obs: (B, obs_dim), proposed: (B, A) -> the shield's decision on sending them, on the CPU.
+        Random seed-phase actions and exploration noise pass through here as well as plans.
+        alternatives: (B, N, A) the planner's other first actions, best first."""
+        device = self.device
+        latent = None
+        if self.world_model_trained:
+            latent = (percept or self.perceive(obs)).state.detach()
+        decision = self.shield.filter(
+            torch.as_tensor(obs, dtype=torch.float32, device=device),
+            torch.as_tensor(proposed, dtype=torch.float32, device=device), latent,
+            None if alternatives is None else alternatives.to(device))
+        return ShieldDecision(*(getattr(decision, field.name).cpu() for field in dataclasses.fields(decision)))
 
     def observe(self, step: int, episode: int, obs: np.ndarray, action: np.ndarray, reward: float,
                 next_obs: np.ndarray, terminated: bool, truncated: bool, info: Mapping[str, Any],

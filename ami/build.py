@@ -12,6 +12,7 @@ from modules.configurator import Configurator
 from modules.cost import Cost, IntrinsicCost, TrainableCritic
 from modules.memory import ShortTermMemory
 from modules.perception import Perception
+from modules.shield import Shield
 from modules.world_model import WorldModel
 
 
@@ -45,7 +46,8 @@ def build_agent(config: AgentConfig, obs_dim: int, action_dim: int, observation_
     actor = Actor(policy, energy, action_dim, config.actor)
     configurator = Configurator(config.configurator, intrinsic.default_weights, intrinsic.guardrail_names,
                                 config.actor.horizon, config.actor.iterations)
-    return Agent(perception, world_model, cost, memory, actor, configurator, device,
+    shield = Shield(config.shield, intrinsic, world_model, observation_names, action_dim)
+    return Agent(perception, world_model, cost, memory, actor, configurator, shield, device,
                  config.actor.exploration_std)
 
 

@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
                          help="MPPI's samples and iterations for --vs mppi (the rest is ami's config)")
     control.add_argument("--no-progress", action="store_true")
     control.add_argument("--out", default=None, help="output folder (default runs/bench/control__<stamp>)")
+    safety = bench.add_parser("safety", help="guarded vs unguarded vs random: return and ground-truth cost")
+    safety.add_argument("overrides", nargs="*", help="config overrides for the agents, as for train")
+    safety.add_argument("--env", default="hazard_nav", help="an env preset with guardrail terms")
+    safety.add_argument("--steps", type=int, default=5000, help="training steps per run")
+    safety.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    safety.add_argument("--episodes", type=int, default=100, help="evaluation episodes per run")
+    safety.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes")
+    safety.add_argument("--no-progress", action="store_true")
+    safety.add_argument("--out", default=None, help="output folder (default runs/bench/safety__<env>__<stamp>)")
     return parser
 
 
@@ -63,8 +72,17 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ami.bench import control, planner
+    from ami.bench import control, planner, safety
 
+    if args.bench == "safety":
+        for name in ("steps", "episodes", "jobs"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name}={getattr(args, name)}: expected a positive number")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / "bench" / f"safety__{args.env}__{stamp}"
+        safety.run(args.env, args.steps, args.seeds, args.episodes, args.overrides, out, not args.no_progress,
+                   args.jobs)
+        return 0
     if args.bench == "control":
         for name in ("steps", "eval_every", "episodes", "peer_steps"):
             if getattr(args, name) is not None and getattr(args, name) < 1:

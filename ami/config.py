@@ -116,6 +116,34 @@ class ConfiguratorConfig:
 
 
 @dataclass
+class EgoModelConfig:
+    """A hard-coded model of the agent's own body, known rather than learned.
+
+    kind "point_mass": a robot that accelerates by max_accel * action (norm clipped to 1), keeps
+    (1 - drag * dt) of its velocity per step, never exceeds max_speed, and moves dt * velocity; it
+    reads its velocity from the observation quantities named in `velocity` and a lidar of distances
+    to hazard boundaries, bin k centred on angle 2 pi k / n, from those matching `ranges`.
+    """
+
+    kind: str = "none"  # "none" or "point_mass"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShieldConfig:
+    """Guardrails at the actor's output: an action whose predicted next state breaks a guardrail is
+    not sent. It checks the world model's prediction and, where one is declared, the ego model's
+    worst case; a violating action is replaced by the planner's lowest-guardrail-cost candidate, or
+    by the fallback when none passes the ego model. Active whenever the cost has guardrail terms."""
+
+    enabled: bool = True
+    world_model: bool = True  # also check the world model's predicted next state (once it has trained)
+    tolerance: float = 0.0  # guardrail cost of a predicted state above which an action is replaced
+    fallback: str = "zero"  # "zero": the zero action; "brake": the ego model's hardest stop
+    ego: EgoModelConfig = field(default_factory=EgoModelConfig)
+
+
+@dataclass
 class AgentConfig:
     name: str = "ami"
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
@@ -124,6 +152,7 @@ class AgentConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     configurator: ConfiguratorConfig = field(default_factory=ConfiguratorConfig)
+    shield: ShieldConfig = field(default_factory=ShieldConfig)
 
 
 @dataclass
@@ -206,6 +235,20 @@ def load_saved(path: str | Path, overrides: list[str] | None = None) -> DictConf
     return cfg
 
 
+def without_guardrails(cfg: DictConfig) -> DictConfig:
+    """The same run with its guardrail terms removed and its shield off: the unguarded baseline
+    that `ami bench safety` compares against. Its agent is named <name>_unguarded."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    agent = data["agent"]
+    agent["name"] = f"{agent['name']}_unguarded"
+    agent["cost"]["terms"] = [term for term in agent["cost"]["terms"] if not term.get("guardrail", False)]
+    agent["shield"]["enabled"] = False
+    unguarded = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
+    validate(unguarded)
+    OmegaConf.set_readonly(unguarded, True)
+    return unguarded
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
@@ -222,6 +265,13 @@ def validate(cfg: DictConfig) -> None:
     _choice("agent.perception.target", a.perception.target, ("ema", "stopgrad"))
     _choice("agent.actor.planner", a.actor.planner, ("gradient", "mppi"))
     _choice("agent.configurator.mode", a.configurator.mode, ("mode1", "mode2", "auto"))
+    _choice("agent.shield.fallback", a.shield.fallback, ("zero", "brake"))
+    _choice("agent.shield.ego.kind", a.shield.ego.kind, ("none", "point_mass"))
+    if a.shield.fallback == "brake" and a.shield.ego.kind == "none":
+        raise ConfigError("agent.shield.fallback='brake' needs an ego model that knows how to stop; "
+                          "set agent.shield.ego.kind (e.g. point_mass) or use fallback=zero")
+    if a.shield.tolerance < 0:
+        raise ConfigError(f"agent.shield.tolerance={a.shield.tolerance!r}: expected a number >= 0")
     for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
                 "agent.actor.candidates", "agent.world_model.batch_size",
                 "agent.world_model.rollout_horizon", "agent.memory.capacity",

@@ -23,6 +23,13 @@ EVAL_SEED = 10_000
 class EvalResult:
     returns: np.ndarray  # (episodes,)
     lengths: np.ndarray  # (episodes,)
+    costs: np.ndarray | None = None  # (episodes,) summed info["cost"]: the env's own safety cost
+    interventions: np.ndarray | None = None  # (episodes,) actions the shield replaced
+
+    def __post_init__(self) -> None:
+        for name in ("costs", "interventions"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(len(self.returns)))
 
     @property
     def mean(self) -> float:
@@ -46,38 +53,49 @@ def fresh_plans(agent: Agent) -> Iterator[None]:
 
 
 def run_episodes(policy: Callable[[np.ndarray], np.ndarray], env_config: EnvConfig, episodes: int,
-                 seed: int = EVAL_SEED) -> EvalResult:
+                 seed: int = EVAL_SEED, interventions: Callable[[], np.ndarray] | None = None) -> EvalResult:
     """First episode of each of `episodes` sub-envs, seeded seed, seed + 1, ...
 
     policy: obs (episodes, obs_dim) -> actions (episodes, A) in [-1, 1]. Any policy (ami, a peer, a
-    planner on the true dynamics) is scored on the same start states.
+    planner on the true dynamics) is scored on the same start states. interventions: () -> (episodes,)
+    whether the policy's shield replaced each of the actions it last returned.
     """
     envs = make_vector_env(env_config, episodes)
     # Only each sub-env's first episode counts; once done, a sub-env's later steps are ignored, which
     # is right whether it autoresets on the next step or the same one.
     if envs.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.DISABLED:
         raise ValueError("evaluation needs a vector env that autoresets; got autoreset_mode=DISABLED")
-    returns = np.zeros(episodes)
+    returns, costs, replaced = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
     lengths = np.zeros(episodes, dtype=np.int64)
     done = np.zeros(episodes, dtype=bool)
     try:
         obs, _ = envs.reset(seed=seed)
         while not done.all():
-            obs, reward, terminated, truncated, _ = envs.step(policy(obs))
+            obs, reward, terminated, truncated, info = envs.step(policy(obs))
             returns += np.where(done, 0.0, reward)
+            if "cost" in info:
+                costs += np.where(done | ~info["_cost"], 0.0, info["cost"])
+            if interventions is not None:
+                replaced += np.where(done, 0.0, interventions())
             lengths += ~done
             done |= terminated | truncated
     finally:
         envs.close()
-    return EvalResult(returns, lengths)
+    return EvalResult(returns, lengths, costs, replaced)
 
 
 def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int = EVAL_SEED) -> EvalResult:
     """The agent without exploration on the fixed start states."""
     generator = torch.Generator().manual_seed(seed)
+    replaced: list[np.ndarray] = []
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        actions, *_, decision = agent.act(obs, explore=False, generator=generator)
+        replaced.append(decision.intervened.numpy())
+        return actions
+
     with fresh_plans(agent):
-        return run_episodes(lambda obs: agent.act(obs, explore=False, generator=generator)[0],
-                            env_config, episodes, seed)
+        return run_episodes(policy, env_config, episodes, seed, lambda: replaced[-1])
 
 
 def record_video(agent: Agent, env_config: EnvConfig, path: str | Path, seed: int = EVAL_SEED,

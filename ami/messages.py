@@ -62,6 +62,24 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class ShieldDecision:
+    """What the shield did with a batch of proposed actions.
+
+    actions: (B, A) the actions sent. intervened: (B,) the proposed action broke a guardrail and
+    was replaced; fallback: (B,) by the declared fallback (no candidate passed the ego model).
+    proposed_cost: (B,) guardrail cost of the proposed action's predicted next state.
+    ego_rejected, world_model_rejected: (B,) which prediction of the proposed action broke a guardrail.
+    """
+
+    actions: torch.Tensor
+    intervened: torch.Tensor
+    fallback: torch.Tensor
+    proposed_cost: torch.Tensor
+    ego_rejected: torch.Tensor
+    world_model_rejected: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Record:
     """One real transition as short-term memory stores it (numpy-free: tensors on CPU).
 

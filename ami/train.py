@@ -55,7 +55,7 @@ class Trainer:
         self.env = make_env(cfg.env)
         obs_dim, action_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]
         agent_cfg = OmegaConf.to_object(cfg.agent)
-        self.agent = build_agent(agent_cfg, obs_dim, action_dim, observation_names(cfg.env, obs_dim),
+        self.agent = build_agent(agent_cfg, obs_dim, action_dim, observation_names(cfg.env, self.env),
                                  self.device)
         self.learner = Learner(self.agent, agent_cfg, cfg.seed)
         self.plan_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -67,11 +67,14 @@ class Trainer:
         self.episode_stats: dict[str, float] = defaultdict(float)
         self.window: dict[str, list[float]] = defaultdict(list)
         self.plan_times_ms: list[float] = []  # every training-time planning call of this process
+        # Ground truth from the env (info["cost"], as in Safety-Gymnasium) and the shield's work,
+        # over the whole run.
+        self.safety_totals: dict[str, float] = {"cost": 0.0, "interventions": 0.0, "fallbacks": 0.0}
         self.last_return = float("nan")
         if resume:
             self.load(latest_checkpoint(self.run_dir))
             if not read_only:
-                self._drop_eval_rows_after(self.step)
+                self._drop_rows_after(self.step)
                 OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)  # with any new overrides
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,11 +94,14 @@ class Trainer:
         if self.obs is None:  # a new episode starts; its reset draws from the env's own RNG
             self.obs, _ = self.env.reset()
             agent.actor.reset()
-        if self.step < train.seed_steps:
-            action = self.action_rng.uniform(-1.0, 1.0, self.env.action_space.shape).astype(np.float32)
-            latent, planned, energy = agent.perceive(self.obs[None]).state, False, float("nan")
+        if self.step < train.seed_steps:  # random actions, shielded like any other
+            proposed = self.action_rng.uniform(-1.0, 1.0, self.env.action_space.shape).astype(np.float32)
+            percept = agent.perceive(self.obs[None])
+            decision = agent.shield_actions(self.obs[None], proposed[None], percept)
+            action, latent, planned, energy = decision.actions[0].numpy(), percept.state, False, float("nan")
         else:
-            actions, percept, task, plan = agent.act(self.obs[None], explore=True, generator=self.plan_generator)
+            actions, percept, task, plan, decision = agent.act(self.obs[None], explore=True,
+                                                               generator=self.plan_generator)
             action, latent, planned, energy = actions[0], percept.state, True, plan.energy_after[0].item()
             self._window_plan(plan, task)
         next_obs, reward, terminated, truncated, info = self.env.step(action)
@@ -105,6 +111,14 @@ class Trainer:
         self.episode_stats["return"] += float(reward)
         self.episode_stats["length"] += 1
         self.episode_stats["cost"] += float((record.cost_terms * weights).sum())
+        safety = {"cost": float(info.get("cost", 0.0)), "interventions": float(decision.intervened[0]),
+                  "fallbacks": float(decision.fallback[0])}
+        for key, value in safety.items():
+            self.episode_stats[f"safety/{key}"] += value
+            self.safety_totals[key] += value
+        self.window["safety/intervention_rate"].append(safety["interventions"])
+        self.window["safety/ego_rejection_rate"].append(float(decision.ego_rejected[0]))
+        self.window["safety/world_model_rejection_rate"].append(float(decision.world_model_rejected[0]))
         for name, value in zip(agent.cost.intrinsic.term_names, record.cost_terms.tolist(), strict=True):
             self.episode_stats[f"term/{name}"] += value
         self.obs = next_obs
@@ -130,6 +144,14 @@ class Trainer:
         for key, value in stats.items():
             if key.startswith("term/"):
                 self.logger.scalar(f"cost/intrinsic/{key[5:]}", value / max(stats["length"], 1), step)
+        self.logger.scalar("safety/episode_cost", stats["safety/cost"], step)
+        self.logger.scalar("safety/interventions_per_episode", stats["safety/interventions"], step)
+        self.logger.scalar("safety/fallbacks_per_episode", stats["safety/fallbacks"], step)
+        self.logger.scalar("safety/cumulative_cost", self.safety_totals["cost"], step)
+        self._append_row("episodes.csv", ["step", "episode", "return", "length", "cost", "interventions", "fallbacks"],
+                         [step, self.episode, f"{stats['return']:.3f}", int(stats["length"]),
+                          f"{stats['safety/cost']:.1f}", int(stats["safety/interventions"]),
+                          int(stats["safety/fallbacks"])])
         self.episode_stats = defaultdict(float)
         self.episode += 1
         self.obs = None
@@ -148,6 +170,7 @@ class Trainer:
                 if self.step == cfg.seed_steps:
                     for _ in range(cfg.pretrain_updates):
                         stats = self.learner.update()
+                    self.agent.world_model_trained = self.learner.updates > 0
                 if self.step > cfg.seed_steps and self.step % cfg.update_every == 0:
                     for _ in range(cfg.updates_per_round):
                         stats = self.learner.update()
@@ -191,24 +214,33 @@ class Trainer:
         self.logger.scalar("eval/return_mean", result.mean, self.step)
         self.logger.scalar("eval/return_std", result.std, self.step)
         self.logger.scalar("eval/length_mean", float(result.lengths.mean()), self.step)
-        path = self.run_dir / "eval.csv"
+        self.logger.scalar("eval/cost_mean", float(result.costs.mean()), self.step)
+        self.logger.scalar("eval/interventions_mean", float(result.interventions.mean()), self.step)
+        self._append_row("eval.csv", ["step", "return_mean", "return_std", "returns", "costs", "interventions"],
+                         [self.step, f"{result.mean:.2f}", f"{result.std:.2f}",
+                          " ".join(f"{r:.1f}" for r in result.returns), " ".join(f"{c:g}" for c in result.costs),
+                          " ".join(str(int(i)) for i in result.interventions)])
+        cost = f", cost {result.costs.mean():.2f}" if result.costs.any() else ""
+        tqdm.write(f"step {self.step}: eval return {result.mean:.1f} ± {result.std:.1f}{cost}")
+
+    def _append_row(self, name: str, header: list[str], row: list) -> None:
+        path = self.run_dir / name
         new = not path.exists()
         with path.open("a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(["step", "return_mean", "return_std", "returns"])
-            writer.writerow([self.step, f"{result.mean:.2f}", f"{result.std:.2f}",
-                             " ".join(f"{r:.1f}" for r in result.returns)])
-        tqdm.write(f"step {self.step}: eval return {result.mean:.1f} ± {result.std:.1f}")
+                writer.writerow(header)
+            writer.writerow(row)
 
-    def _drop_eval_rows_after(self, step: int) -> None:
+    def _drop_rows_after(self, step: int) -> None:
         """Rows an interrupted run wrote past its last checkpoint are redone by the resumed run."""
-        path = self.run_dir / "eval.csv"
-        if path.exists():
-            rows = list(csv.reader(path.open()))
-            kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= step]
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerows(kept)
+        for name in ("eval.csv", "episodes.csv"):
+            path = self.run_dir / name
+            if path.exists():
+                rows = list(csv.reader(path.open()))
+                kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= step]
+                with path.open("w", newline="") as f:
+                    csv.writer(f).writerows(kept)
 
     def _log_hparams(self) -> None:
         flat = {}
@@ -225,6 +257,7 @@ class Trainer:
             "version": 1,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "intrinsic_cost": agent.cost.intrinsic.describe(),
+            "shield": agent.shield.describe(),
             "perception": agent.perception.state_dict(),
             "world_model": agent.world_model.state_dict(),
             "critic": agent.cost.critic.state_dict(),
@@ -235,6 +268,7 @@ class Trainer:
             "learner": self.learner.state_dict(),
             "memory": agent.memory.state_dict(),
             "counters": {"step": self.step, "episode": self.episode},
+            "safety_totals": dict(self.safety_totals),
             "mid_episode": self.obs is not None,
             "episode_stats": dict(self.episode_stats),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -255,6 +289,9 @@ class Trainer:
         if saved != guardrails:
             raise GuardrailError(f"{path}: its guardrails {saved} differ from this configuration's "
                                  f"{guardrails}; guardrails cannot be changed by loading a checkpoint")
+        if tuple(state["shield"]) != agent.shield.describe():
+            raise GuardrailError(f"{path}: its shield {state['shield']} differs from this configuration's "
+                                 f"{agent.shield.describe()}; the shield cannot be changed by loading a checkpoint")
         agent.perception.load_state_dict(state["perception"])
         agent.world_model.load_state_dict(state["world_model"])
         agent.cost.critic.load_state_dict(state["critic"])
@@ -269,6 +306,8 @@ class Trainer:
         self.learner.load_state_dict(state["learner"])
         agent.memory.load_state_dict(state["memory"])
         self.step, self.episode = state["counters"]["step"], state["counters"]["episode"]
+        self.safety_totals = dict(state["safety_totals"])
+        agent.world_model_trained = self.learner.updates > 0
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])

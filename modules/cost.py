@@ -9,6 +9,7 @@ quantities, so they apply to imagined states through the world model's readout. 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -67,6 +68,20 @@ def _distance(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torc
     return (squares + 1e-6).sqrt()
 
 
+def _clearance(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """Squared shortfall of the smallest of several range readings below a margin: "keep out of
+    hazards with margin m" on a lidar of distances to hazard boundaries. Zero while every reading
+    is at least the margin."""
+    nearest = torch.stack([q[name] for name in p["quantities"]], dim=-1).amin(-1)
+    return torch.relu(float(p["margin"]) - nearest).pow(2)
+
+
+def _norm_bound(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """Squared excess of a vector's norm over a limit ("speed below v" on (vx, vy))."""
+    squares = sum(q[name].pow(2) for name in p["quantities"])
+    return torch.relu((squares + 1e-12).sqrt() - float(p["limit"])).pow(2)
+
+
 def _linear(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
     """scale * quantity: with a negative scale, a cost that rewards the quantity (forward speed)."""
     return float(p.get("scale", 1.0)) * q[p["quantity"]]
@@ -93,6 +108,8 @@ FORMULAS: dict[str, AnalyticFormula] = {
     "squared_error": _squared_error,
     "distance": _distance,
     "linear": _linear,
+    "clearance": _clearance,
+    "norm_bound": _norm_bound,
 }
 
 # Measured formulas: (reward, info, params) -> float, on real transitions only.
@@ -100,6 +117,21 @@ MEASURED: dict[str, Callable[[float, Mapping[str, Any], Mapping[str, Any]], floa
     "env_reward": lambda reward, info, p: -float(reward) * float(p.get("scale", 1.0)),
     "info_cost": lambda reward, info, p: float(info.get(p.get("key", "cost"), 0.0)),
 }
+
+
+def expand_quantities(term: str, patterns: Any, observation_names: list[str]) -> list[str]:
+    """Quantity names, with shell-style patterns ("hazard_range_*") expanded in observation order."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names: list[str] = []
+    for pattern in patterns:
+        matches = [n for n in observation_names if fnmatch.fnmatchcase(n, pattern)] if any(
+            c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise KeyError(f"cost term {term!r}: quantities pattern {pattern!r} matches no observation "
+                           f"quantity; expected names among {observation_names}")
+        names += matches
+    return names
 
 
 class IntrinsicCost:
@@ -112,21 +144,24 @@ class IntrinsicCost:
     __slots__ = ("_terms", "_names", "_quantity_names", "_weights", "_guardrails", "_frozen")
 
     def __init__(self, terms: list[CostTermConfig], observation_names: list[str]) -> None:
+        frozen_params = []
         for term in terms:
             table = FORMULAS if term.kind == "analytic" else MEASURED
             if term.formula not in table:
                 raise KeyError(f"cost term {term.name!r}: formula={term.formula!r} is not a "
                                f"{term.kind} formula; expected one of {sorted(table)}")
-            named = [term.params["quantity"]] if "quantity" in term.params else []
-            named += list(term.params.get("quantities", []))
-            for quantity in named:
+            params = dict(term.params)
+            if "quantities" in params:
+                params["quantities"] = expand_quantities(term.name, params["quantities"], observation_names)
+            named = [params["quantity"]] if "quantity" in params else []
+            for quantity in named + list(params.get("quantities", [])):
                 if quantity not in observation_names:
                     raise KeyError(f"cost term {term.name!r}: params names quantity {quantity!r}; "
                                    f"expected one of {observation_names}")
-        self._terms = tuple(
-            (t.name, t.formula, t.kind, bool(t.guardrail),
-             MappingProxyType({k: tuple(v) if isinstance(v, list | tuple) else v for k, v in t.params.items()}))
-            for t in terms)
+            frozen_params.append(MappingProxyType(
+                {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in params.items()}))
+        self._terms = tuple((t.name, t.formula, t.kind, bool(t.guardrail), params)
+                            for t, params in zip(terms, frozen_params, strict=True))
         self._names = tuple(t.name for t in terms)
         self._quantity_names = tuple(observation_names)
         self._weights = MappingProxyType({t.name: float(t.weight) for t in terms})
@@ -194,6 +229,13 @@ class IntrinsicCost:
         terms = self.analytic_terms(quantities, actions)
         mask = torch.tensor([float(n in self._guardrails) for n in self._names], device=terms.device)
         return (terms * mask).sum(-1)
+
+    def guardrail_cost(self, quantities: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(...,) guardrail terms weighted by their fixed weights: how the shield ranks actions."""
+        terms = self.analytic_terms(quantities, actions)
+        weights = torch.tensor([self._weights[n] if n in self._guardrails else 0.0 for n in self._names],
+                               device=terms.device, dtype=terms.dtype)
+        return (terms * weights).sum(-1)
 
 
 def value_targets(costs: torch.Tensor, terminated: torch.Tensor, bootstrap: torch.Tensor,

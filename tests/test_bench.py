@@ -66,3 +66,35 @@ def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, peer_steps):
     png = (out / "learning_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bench_safety_compares_guarded_unguarded_and_random(tmp_path):
+    out = tmp_path / "safety"
+    result = subprocess.run(
+        [sys.executable, "-m", "ami.cli", "bench", "safety", "agent=tiny", "train.seed_steps=100",
+         "train.pretrain_updates=10", "env.max_episode_steps=100", "--steps", "300", "--seeds", "0",
+         "--episodes", "3", "--jobs", "2", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["method"], r["phase"]) for r in rows) == sorted(
+        (m, p) for m in ("guarded", "unguarded", "random") for p in ("train", "eval"))
+    by = {(r["method"], r["phase"]): r for r in rows}
+    for method in ("guarded", "unguarded", "random"):
+        assert int(by[(method, "train")]["episodes"]) == 3 and int(by[(method, "train")]["steps"]) == 300
+        assert int(by[(method, "eval")]["episodes"]) == 3
+    # The guarded agent pays nothing, in training or evaluation; only it is ever shielded.
+    assert float(by[("guarded", "train")]["total_cost"]) == 0 and float(by[("guarded", "eval")]["total_cost"]) == 0
+    assert float(by[("guarded", "train")]["interventions_per_episode"]) > 0
+    assert float(by[("unguarded", "train")]["interventions_per_episode"]) == 0
+    assert float(by[("random", "train")]["total_cost"]) > 0
+    assert "guarded, seed 0: 3/3 evaluation episodes without cost" in result.stdout
+    assert "training cost, guarded / unguarded" in result.stdout
+    assert (out / "safety.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_safety_needs_guardrails(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ami.cli", "bench", "safety", "--env", "mountaincar",
+                             "--steps", "10", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "no guardrail terms" in result.stderr

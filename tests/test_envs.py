@@ -23,7 +23,7 @@ def test_env_preset_builds_and_its_cost_reads_the_observation(preset):
     obs, _ = env.reset(seed=0)
     assert obs.dtype == np.float32
     assert env.action_space.low.min() == -1.0 and env.action_space.high.max() == 1.0
-    names = observation_names(cfg.env, obs.shape[0])
+    names = observation_names(cfg.env, env)
     agent = build_agent(OmegaConf.to_object(cfg.agent), obs.shape[0], env.action_space.shape[0], names,
                         torch.device("cpu"))
     action = np.zeros(env.action_space.shape, dtype=np.float32)
@@ -39,7 +39,7 @@ def test_reacher_distance_term_is_the_env_reward_distance():
     cfg = load_config(["env=reacher"])
     env = make_env(cfg.env)
     obs, _ = env.reset(seed=3)
-    names = observation_names(cfg.env, obs.shape[0])
+    names = observation_names(cfg.env, env)
     agent = build_agent(OmegaConf.to_object(cfg.agent), obs.shape[0], 2, names, torch.device("cpu"))
     weights = agent.cost.intrinsic.weight_vector() * agent.cost.intrinsic.mask("analytic")
     rng = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def test_mountaincar_energy_drive_matches_the_env_dynamics():
     env's own, conserved up to the integrator's error)."""
     cfg = load_config(["env=mountaincar"])
     env = make_env(cfg.env)
-    names = observation_names(cfg.env, 2)
+    names = observation_names(cfg.env, env)
     agent = build_agent(OmegaConf.to_object(cfg.agent), 2, 1, names, torch.device("cpu"))
     swing = agent.cost.intrinsic.term_names.index("swing")
 

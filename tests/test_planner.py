@@ -118,7 +118,7 @@ def test_gradients_reach_actions_through_real_modules(make_agent):
 def _act_checks(agent, generator, scales):
     for scale in scales:
         obs = (torch.randn(6, 3, generator=generator) * scale).numpy()
-        actions, _, _, plan = agent.act(obs, explore=True, generator=generator)
+        actions, _, _, plan, _ = agent.act(obs, explore=True, generator=generator)
         assert actions.shape == (6, 1)
         assert np.isfinite(actions).all(), (scale, actions)
         assert (np.abs(actions) <= 1.0).all(), (scale, actions)

@@ -1,4 +1,7 @@
-"""Environment construction: any gymnasium id with a Box action space, actions in [-1, 1]."""
+"""Environment construction: any gymnasium id with a Box action space, actions in [-1, 1].
+
+Importing this package registers ami's own environments with gymnasium: ami/HazardNav-v0.
+"""
 
 from __future__ import annotations
 
@@ -50,9 +53,18 @@ def make_vector_env(config: EnvConfig, num_envs: int) -> gym.vector.SyncVectorEn
     return gym.vector.SyncVectorEnv(makers)
 
 
-def observation_names(config: EnvConfig, obs_dim: int) -> list[str]:
-    names = list(config.observation_names) or [f"obs_{i}" for i in range(obs_dim)]
+def observation_names(config: EnvConfig, env: gym.Env) -> list[str]:
+    """Names of the observation's entries: the config's, else the env's own (an
+    `observation_names()` method, as HazardNav has), else obs_0, obs_1, ..."""
+    obs_dim = env.observation_space.shape[0]
+    names = list(config.observation_names)
+    if not names and callable(getattr(env.unwrapped, "observation_names", None)):
+        names = list(env.unwrapped.observation_names())
+    names = names or [f"obs_{i}" for i in range(obs_dim)]
     if len(names) != obs_dim:
         raise UnsupportedEnvError(f"env.observation_names has {len(names)} names; the observation "
                                   f"of {config.id} has {obs_dim} entries")
     return names
+
+
+gym.register(id="ami/HazardNav-v0", entry_point="ami.envs.hazard_nav:HazardNavEnv", max_episode_steps=1000)

@@ -1,0 +1,223 @@
+"""`ami bench safety`: the guarded agent, the same agent with its guardrails off, and a random policy,
+side by side in one run: return, ground-truth cost (the env's info["cost"]), share of zero-cost
+episodes and shield interventions, over the whole training run and over evaluation episodes."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ami.config import load_config, without_guardrails
+from ami.envs import make_env
+from ami.evaluate import EvalResult, evaluate, run_episodes
+from ami.train import Trainer
+
+METHODS = ("guarded", "unguarded", "random")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method, seed and phase ("train": every episode the training run finished; "eval")."""
+
+    method: str
+    seed: int
+    phase: str
+    episodes: int
+    return_mean: float
+    cost_mean: float
+    cost_max: float
+    zero_cost_share: float
+    interventions_per_episode: float
+    total_cost: float  # the phase's whole cost, unfinished training episode included
+    steps: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    rows: list[Row]
+    cost_curve: list[tuple[int, float]]  # (env step, cumulative training cost) at each episode's end
+
+
+def summarise(method: str, seed: int, phase: str, returns: np.ndarray, costs: np.ndarray,
+              interventions: np.ndarray, total_cost: float, steps: int) -> Row:
+    n = len(returns)
+    if n == 0:
+        nan = float("nan")
+        return Row(method, seed, phase, 0, nan, nan, nan, nan, nan, total_cost, steps)
+    return Row(method, seed, phase, n, float(returns.mean()), float(costs.mean()), float(costs.max()),
+               float((costs == 0).mean()), float(interventions.mean()), total_cost, steps)
+
+
+def from_eval(method: str, seed: int, result: EvalResult) -> Row:
+    return summarise(method, seed, "eval", result.returns, result.costs, result.interventions,
+                     float(result.costs.sum()), int(result.lengths.sum()))
+
+
+def run_agent(cfg: DictConfig, run_dir: Path, method: str, episodes: int) -> Outcome:
+    """Train one agent, then evaluate it on the fixed evaluation starts."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    trainer = Trainer(cfg, run_dir)
+    trainer.train()
+    with (run_dir / "episodes.csv").open() as f:
+        log = list(csv.DictReader(f))
+    column = {key: np.array([float(row[key]) for row in log]) for key in ("return", "cost", "interventions")}
+    train = summarise(method, cfg.seed, "train", column["return"], column["cost"], column["interventions"],
+                      trainer.safety_totals["cost"], trainer.step)
+    curve = [(0, 0.0)] + [(int(row["step"]), float(total))
+                          for row, total in zip(log, np.cumsum(column["cost"]), strict=True)]
+    return Outcome([train, from_eval(method, cfg.seed, evaluate(trainer.agent, cfg.env, episodes))], curve)
+
+
+def run_random(cfg: DictConfig, episodes: int) -> Outcome:
+    """Uniform random actions, unshielded: as many training steps as the agents, then evaluation."""
+    env = make_env(cfg.env)
+    shape = env.action_space.shape
+    rng = np.random.default_rng(cfg.seed)
+    returns, costs, curve = [], [], [(0, 0.0)]
+    episode_return = episode_cost = total_cost = 0.0
+    env.reset(seed=cfg.seed)
+    for step in range(1, cfg.train.total_steps + 1):
+        _, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, shape).astype(np.float32))
+        episode_return += float(reward)
+        episode_cost += float(info.get("cost", 0.0))
+        total_cost += float(info.get("cost", 0.0))
+        if terminated or truncated:
+            returns.append(episode_return)
+            costs.append(episode_cost)
+            curve.append((step, sum(costs)))
+            episode_return = episode_cost = 0.0
+            env.reset()
+    env.close()
+    train = summarise("random", cfg.seed, "train", np.array(returns), np.array(costs), np.zeros(len(returns)),
+                      total_cost, cfg.train.total_steps)
+    action_rng = np.random.default_rng(cfg.seed + 1)
+    result = run_episodes(lambda obs: action_rng.uniform(-1, 1, (obs.shape[0], *shape)).astype(np.float32),
+                          cfg.env, episodes)
+    return Outcome([train, from_eval("random", cfg.seed, result)], curve)
+
+
+def run_job(method: str, cfg: DictConfig, out_dir: Path, episodes: int) -> tuple[str, int, Outcome]:
+    """One method on one seed; module-level so that worker processes can run it."""
+    print(f"== seed {cfg.seed}: {method}", flush=True)
+    if method == "random":
+        return method, cfg.seed, run_random(cfg, episodes)
+    run_cfg = without_guardrails(cfg) if method == "unguarded" else cfg
+    return method, cfg.seed, run_agent(run_cfg, out_dir / f"{method}_s{cfg.seed}", method, episodes)
+
+
+def table(rows: list[Row]) -> str:
+    """Pooled over seeds: episode-weighted means, the max of maxima, summed costs."""
+    header = (f"{'method':>10s} {'phase':>5s} {'episodes':>8s} {'return':>8s} {'cost/ep':>8s} {'max':>6s} "
+              f"{'zero-cost':>9s} {'interv./ep':>10s} {'total cost':>10s}")
+    lines = [header]
+    for phase in ("train", "eval"):
+        for method in METHODS:
+            group = [r for r in rows if r.method == method and r.phase == phase and r.episodes]
+            if not group:
+                continue
+            weights = np.array([r.episodes for r in group], dtype=float)
+
+            def mean(field: str, group: list[Row] = group, weights: np.ndarray = weights) -> float:
+                return float(np.average([getattr(r, field) for r in group], weights=weights))
+
+            total = sum(r.total_cost for r in rows if r.method == method and r.phase == phase)
+            lines.append(f"{method:>10s} {phase:>5s} {int(weights.sum()):8d} {mean('return_mean'):8.2f} "
+                         f"{mean('cost_mean'):8.2f} {max(r.cost_max for r in group):6.0f} "
+                         f"{mean('zero_cost_share'):9.1%} {mean('interventions_per_episode'):10.1f} {total:10.0f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], curves: dict[tuple[str, int], list[tuple[int, float]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4))
+    for method in METHODS:
+        for (m, seed), curve in sorted(curves.items()):
+            if m == method and curve:
+                steps, totals = zip(*curve, strict=True)
+                left.plot(steps, totals, marker=".", color=f"C{METHODS.index(method)}",
+                          label=method if seed == min(s for mm, s in curves if mm == method) else None)
+    left.set_xlabel("env steps")
+    left.set_ylabel("cumulative training cost")
+    left.legend()
+    evals = {m: [r for r in rows if r.method == m and r.phase == "eval"] for m in METHODS}
+    for axis, field, label in ((middle, "return_mean", "eval return per episode"),
+                               (right, "cost_mean", "eval cost per episode")):
+        means = [np.mean([getattr(r, field) for r in evals[m]]) if evals[m] else 0.0 for m in METHODS]
+        spread = [np.std([getattr(r, field) for r in evals[m]]) if evals[m] else 0.0 for m in METHODS]
+        axis.bar(METHODS, means, yerr=spread, color=[f"C{i}" for i in range(len(METHODS))])
+        axis.set_ylabel(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(env: str, steps: int, seeds: list[int], episodes: int, overrides: list[str], out_dir: Path,
+        progress: bool, jobs: int = 1) -> list[Row]:
+    base = [f"env={env}", f"train.total_steps={steps}", f"train.eval_every={steps + 1}",
+            f"progress={str(progress and jobs == 1).lower()}", f"runs_dir={out_dir}", *overrides]
+    configs = {seed: load_config([*base, f"seed={seed}"]) for seed in seeds}
+    if not configs[seeds[0]].agent.cost.terms or not any(t.guardrail for t in configs[seeds[0]].agent.cost.terms):
+        raise SystemExit(f"ami bench safety: env={env} declares no guardrail terms; nothing to compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = [(method, configs[seed]) for seed in seeds for method in METHODS]
+    results: list[tuple[str, int, Outcome]] = []
+    if jobs > 1:
+        # Separate processes, one CPU thread each: the runs are independent and the same as in one.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(run_job, method, cfg, out_dir, episodes) for method, cfg in work]
+            for future in tqdm(futures, desc="runs", disable=not progress):
+                results.append(future.result())
+    else:
+        results = [run_job(method, cfg, out_dir, episodes) for method, cfg in work]
+    rows = [row for _, _, outcome in results for row in outcome.rows]
+    curves = {(method, seed): outcome.cost_curve for method, seed, outcome in results}
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in asdict(row).items()})
+    cfg = configs[seeds[0]]
+    print(f"\n{cfg.env.id}: {steps} training steps per run, seeds {seeds}, {episodes} evaluation episodes each")
+    print(table(rows))
+    report(rows, seeds)
+    plot(rows, curves, out_dir / "safety.png", f"{cfg.env.id}: guarded vs unguarded vs random")
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'safety.png'}")
+    return rows
+
+
+def report(rows: list[Row], seeds: list[int]) -> None:
+    """The targets: zero evaluation cost per seed, training cost and return against the unguarded run."""
+    by: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        by[(row.method, row.phase)].append(row)
+    for row in sorted(by[("guarded", "eval")], key=lambda r: r.seed):
+        zero = round(row.zero_cost_share * row.episodes)
+        print(f"guarded, seed {row.seed}: {zero}/{row.episodes} evaluation episodes without cost "
+              f"(max cost {row.cost_max:.0f})")
+    guarded = sum(r.total_cost for r in by[("guarded", "train")])
+    unguarded = sum(r.total_cost for r in by[("unguarded", "train")])
+    if unguarded > 0:
+        print(f"training cost, guarded / unguarded: {guarded:.0f} / {unguarded:.0f} = {guarded / unguarded:.2%}")
+    else:
+        print(f"training cost, guarded / unguarded: {guarded:.0f} / 0 (the unguarded runs paid none)")
+    returns = {m: np.mean([r.return_mean for r in by[(m, "eval")]]) for m in ("guarded", "unguarded")}
+    if returns["unguarded"] > 0:
+        print(f"evaluation return, guarded / unguarded: {returns['guarded']:.2f} / {returns['unguarded']:.2f} "
+              f"= {returns['guarded'] / returns['unguarded']:.1%}")
