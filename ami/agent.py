@@ -41,8 +41,9 @@ class Agent:
 
     def perceive(self, obs: np.ndarray) -> Percept:
         """obs: (B, obs_dim) -> Percept with state (B, D)."""
+        observation = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            return Percept(self.perception(torch.as_tensor(obs, dtype=torch.float32, device=self.device)))
+            return Percept(self.perception(observation), observation=observation)
 
     def act(self, obs: np.ndarray, explore: bool = False, generator: torch.Generator | None = None
             ) -> tuple[np.ndarray, Percept, Task, Plan, ShieldDecision]:
@@ -67,13 +68,14 @@ class Agent:
         Random seed-phase actions and exploration noise pass through here as well as plans.
         alternatives: (B, N, A) the planner's other first actions, best first."""
         device = self.device
-        latent = None
+        latent = offset = None
         if self.world_model_trained:
-            latent = (percept or self.perceive(obs)).state.detach()
+            percept = percept or self.perceive(obs)
+            latent, offset = percept.state.detach(), self.world_model.readout_offset(percept)
         decision = self.shield.filter(
             torch.as_tensor(obs, dtype=torch.float32, device=device),
             torch.as_tensor(proposed, dtype=torch.float32, device=device), latent,
-            None if alternatives is None else alternatives.to(device))
+            None if alternatives is None else alternatives.to(device), offset)
         return ShieldDecision(*(getattr(decision, field.name).cpu() for field in dataclasses.fields(decision)))
 
     def observe(self, step: int, episode: int, obs: np.ndarray, action: np.ndarray, reward: float,

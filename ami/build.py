@@ -40,13 +40,14 @@ def build_agent(config: AgentConfig, obs_dim: int, action_dim: int, observation_
     cost = Cost(intrinsic, critic)
     memory = ShortTermMemory(obs_dim, action_dim, latent_dim, len(intrinsic.term_names), config.memory)
     policy = Policy(latent_dim, action_dim, config.actor).to(device)
-    energy = PlanEnergy(world_model, intrinsic, critic, config.cost.discount, config.cost.value_weight)
+    shield = Shield(config.shield, intrinsic, world_model, observation_names, action_dim)
+    guide = shield.planning_cost if shield.active and shield.ego is not None and config.shield.guide_planner else None
+    energy = PlanEnergy(world_model, intrinsic, critic, config.cost.discount, config.cost.value_weight, guide)
     if config.actor.compile:
         energy.compile()
     actor = Actor(policy, energy, action_dim, config.actor)
     configurator = Configurator(config.configurator, intrinsic.default_weights, intrinsic.guardrail_names,
                                 config.actor.horizon, config.actor.iterations)
-    shield = Shield(config.shield, intrinsic, world_model, observation_names, action_dim)
     return Agent(perception, world_model, cost, memory, actor, configurator, shield, device,
                  config.actor.exploration_std)
 

@@ -46,6 +46,10 @@ class WorldModelConfig:
     rollout_horizon: int = 5  # steps of multi-step prediction in the JEPA loss
     horizon_discount: float = 0.9  # weight of step k is horizon_discount**k
     readout_weight: float = 1.0
+    # Imagined quantities as the observed ones plus the readout's predicted change,
+    # q_k = q_obs + readout(s_k) - readout(s_0): the readout's error at the current state cancels
+    # instead of biasing every analytic cost term (a goal that looks reached while it is 0.3 m away).
+    anchor_readout: bool = False
     variance_weight: float = 1.0
     covariance_weight: float = 0.04
     grad_clip: float = 10.0
@@ -140,6 +144,8 @@ class ShieldConfig:
     world_model: bool = True  # also check the world model's predicted next state (once it has trained)
     tolerance: float = 0.0  # guardrail cost of a predicted state above which an action is replaced
     fallback: str = "zero"  # "zero": the zero action; "brake": the ego model's hardest stop
+    # Add the ego model's guardrail cost of each plan's first action to the plan energy.
+    guide_planner: bool = True
     ego: EgoModelConfig = field(default_factory=EgoModelConfig)
 
 

@@ -17,10 +17,12 @@ class Percept:
 
     state: (B, D) latent state.
     goal: (B, D) latent goal, when the observation carries one.
+    observation: (B, Q) the observation it came from, whose entries are the named quantities.
     """
 
     state: torch.Tensor
     goal: torch.Tensor | None = None
+    observation: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

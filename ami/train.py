@@ -246,7 +246,8 @@ class Trainer:
         flat = {}
         for key in ("seed", "agent.name", "env.id", "agent.actor.planner", "agent.actor.horizon",
                     "agent.actor.iterations", "agent.actor.candidates", "agent.perception.latent_dim",
-                    "agent.perception.target", "agent.world_model.rollout_horizon", "train.total_steps"):
+                    "agent.perception.target", "agent.world_model.rollout_horizon", "agent.shield.enabled",
+                    "train.total_steps"):
             flat[key] = OmegaConf.select(self.cfg, key)
         self.logger.hparams(flat, {"eval/return_mean": float("nan")})
 
@@ -330,4 +331,12 @@ def describe(trainer: Trainer) -> str:
     planning = f"planner: {actor.config.planner}"
     if actor.energy.compiled:
         planning += ", torch.compile'd (each new batch size compiles on first use: about a minute cold)"
-    return f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}"
+    shield = trainer.agent.shield
+    if shield.active:
+        checks = ["ego model " + trainer.cfg.agent.shield.ego.kind] if shield.ego is not None else []
+        checks += ["world model (once trained)"] if shield.check_world_model else []
+        guard = (f"shield: on, guardrails {sorted(trainer.agent.cost.intrinsic.guardrail_names)}, checked by "
+                 f"{' and '.join(checks) or 'nothing'}, fallback {shield.fallback_kind}")
+    else:
+        guard = "shield: off" + ("" if trainer.agent.cost.intrinsic.guardrail_names else " (no guardrail terms)")
+    return f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}\n{guard}"

@@ -29,21 +29,28 @@ class PlanEnergy:
     """
 
     def __init__(self, world_model: WorldModel, intrinsic_cost: IntrinsicCost,
-                 critic: TrainableCritic, discount: float, value_weight: float) -> None:
+                 critic: TrainableCritic, discount: float, value_weight: float,
+                 first_action_cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """first_action_cost: (observation (B, Q), first actions (B, A)) -> (B,), a known cost of
+        the first step added to the energy (the shield's ego-model guardrail cost)."""
         self.world_model = world_model
         self.intrinsic_cost = intrinsic_cost
         self.critic = critic
         self.discount = discount
         self.value_weight = value_weight
+        self.first_action_cost = first_action_cost
         self._forward: Callable = self.__call__
         self._compiled_value_and_grad: Callable | None = None
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
-                 use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """state: (B, D), actions: (H, B, A), analytic_weights: (T,) -> (energy (B,), states (H+1, B, D))."""
+                 use_step_head: bool, readout_offset: torch.Tensor,
+                 observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """state: (B, D), actions: (H, B, A), analytic_weights: (T,), readout_offset: (B, Q) added to
+        every readout, observation: (B, Q) -> (energy (B,), states (H+1, B, D))."""
         horizon = actions.shape[0]
         states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
-        terms = self.intrinsic_cost.analytic_terms(self.world_model.readout(states[:-1]), actions)
+        quantities = self.world_model.readout(states[:-1]) + readout_offset
+        terms = self.intrinsic_cost.analytic_terms(quantities, actions)
         step_cost = (terms * analytic_weights).sum(-1)  # (H, B)
         if use_step_head:
             step_cost = step_cost + self.critic.step_cost(states[:-1], actions)
@@ -51,23 +58,28 @@ class PlanEnergy:
         energy = (gammas[:-1, None] * step_cost).sum(0)
         if self.value_weight:
             energy = energy + self.value_weight * gammas[-1] * self.critic.value(states[-1])
+        if self.first_action_cost is not None:
+            energy = energy + self.first_action_cost(observation, actions[0])
         return energy, states
 
     def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
-                use_step_head: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        energy, states = self(state, actions, analytic_weights, use_step_head)
+                use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        energy, states = self(state, actions, analytic_weights, use_step_head, readout_offset, observation)
         return energy.sum(), (energy, states)
 
     def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
-                       use_step_head: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
         the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
             return _autograd_energy_and_grad(
-                lambda s, a: self(s, a, analytic_weights, use_step_head), state.detach(), actions)
+                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation),
+                state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
-            grad, (_, (energy, states)) = self._compiled_value_and_grad(actions.detach(), state.detach(),
-                                                                   analytic_weights, use_step_head)
+            grad, (_, (energy, states)) = self._compiled_value_and_grad(
+                actions.detach(), state.detach(), analytic_weights, use_step_head, readout_offset, observation)
         return energy, grad, states
 
     def compile(self) -> None:
@@ -85,27 +97,45 @@ class PlanEnergy:
     def compiled(self) -> bool:
         return self._compiled_value_and_grad is not None
 
-    def bind(self, weights: torch.Tensor) -> BoundEnergy:
-        """The energy for one task's weights: (T,)."""
+    def bind(self, weights: torch.Tensor, readout_offset: torch.Tensor | None = None,
+             observation: torch.Tensor | None = None) -> BoundEnergy:
+        """The energy for one task's weights: (T,), and one batch's readout offset and observation:
+        (B, Q) each (WorldModel.readout_offset; zeros when None)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
-        return BoundEnergy(self, analytic, use_step_head)
+        if self.first_action_cost is not None and observation is None:
+            raise ValueError("this plan energy prices the first action on the observation; bind it with one")
+        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation)
 
 
 class BoundEnergy:
-    """An EnergyFn with its weights fixed, and a fast action gradient for the gradient planner."""
+    """An EnergyFn with its weights and readout offset fixed, and a fast action gradient."""
 
-    def __init__(self, energy: PlanEnergy, analytic_weights: torch.Tensor, use_step_head: bool) -> None:
+    def __init__(self, energy: PlanEnergy, analytic_weights: torch.Tensor, use_step_head: bool,
+                 readout_offset: torch.Tensor | None = None, observation: torch.Tensor | None = None) -> None:
         self.energy = energy
         self.analytic_weights = analytic_weights
         self.use_step_head = use_step_head
+        self.readout_offset = readout_offset
+        self.observation = observation
+
+    def _rows(self, per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+        """(B', Q) for a state batch of B' rows: planners repeat each environment's state once per
+        candidate, so B' is a multiple of the bound tensor's B."""
+        if per_env is None:
+            return state.new_zeros(state.shape[0], len(self.energy.world_model.observation_names))
+        return per_env.repeat_interleave(state.shape[0] // per_env.shape[0], dim=0)
+
+    def _context(self, state: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+        return (self.analytic_weights, self.use_step_head, self._rows(self.readout_offset, state),
+                self._rows(self.observation, state))
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.energy._forward(state, actions, self.analytic_weights, self.use_step_head)
+        return self.energy._forward(state, actions, *self._context(state))
 
     def value_and_grad(self, state: torch.Tensor,
                        actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.energy.value_and_grad(state, actions, self.analytic_weights, self.use_step_head)
+        return self.energy.value_and_grad(state, actions, *self._context(state))
 
 
 def energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
@@ -326,7 +356,7 @@ class Actor:
             generator: torch.Generator | None = None) -> Plan:
         """percept.state: (B, D) -> Plan with actions (H, B, A)."""
         state = percept.state.detach()
-        energy_fn = self.energy.bind(weights)
+        energy_fn = self.energy.bind(weights, self.energy.world_model.readout_offset(percept), percept.observation)
         proposal = self.policy.propose(state, self.energy.world_model, task.horizon)
         if task.mode == "mode1":
             start = time.perf_counter()

@@ -59,21 +59,25 @@ class PointMassEgo:
         self.velocity_index = torch.tensor([names.index(n) for n in velocity])
         self.range_index = torch.tensor([names.index(n) for n in ranges])
         bins = len(ranges)
-        self.bin_angles = 2 * math.pi * torch.arange(bins) / bins  # (K,)
+        angles = 2 * math.pi * torch.arange(bins, dtype=torch.float64) / bins
+        self.bin_directions = torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (K, 2)
         self.half_width = math.pi / bins
         # Speed falls by at least dt * max_accel per braking step: this many steps always stop it.
         self.brake_steps = math.ceil(self.max_speed / (self.dt * self.max_accel)) + 1
 
+    @staticmethod
+    def _norm(vectors: torch.Tensor) -> torch.Tensor:
+        """(..., 2) -> (..., 1); the epsilon keeps the planner's gradient finite at zero."""
+        return (vectors.pow(2).sum(-1, keepdim=True) + 1e-12).sqrt()
+
     def _acceleration(self, actions: torch.Tensor) -> torch.Tensor:
         actions = actions.clamp(-1.0, 1.0)
-        norm = actions.norm(dim=-1, keepdim=True)
-        return self.max_accel * actions / norm.clamp(min=1.0)
+        return self.max_accel * actions / self._norm(actions).clamp(min=1.0)
 
     def next_velocity(self, velocity: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """velocity: (..., 2), actions: (..., 2) -> (..., 2), exactly as the robot moves."""
         velocity = (1.0 - self.drag * self.dt) * velocity + self.dt * self._acceleration(actions)
-        speed = velocity.norm(dim=-1, keepdim=True)
-        return velocity * (self.max_speed / speed.clamp(min=self.max_speed))
+        return velocity * (self.max_speed / self._norm(velocity).clamp(min=self.max_speed))
 
     def stopping_path(self, speed: torch.Tensor) -> torch.Tensor:
         """speed: (...,) after this step -> (...,) length of this step's move plus the hardest brake."""
@@ -89,12 +93,17 @@ class PointMassEgo:
         sector. Quantities the ego model does not know keep their current value."""
         velocity = quantities[:, self.velocity_index]  # (B, 2)
         next_velocity = self.next_velocity(velocity[:, None], actions)  # (B, M, 2)
-        reach = self.stopping_path(next_velocity.norm(dim=-1))  # (B, M)
-        heading = torch.atan2(next_velocity[..., 1], next_velocity[..., 0])  # (B, M)
-        bins = self.bin_angles.to(quantities.device)
-        offset = torch.remainder(heading[..., None] - bins + math.pi, 2 * math.pi) - math.pi  # (B, M, K)
-        gap = torch.relu(offset.abs() - self.half_width)
-        approach = reach[..., None] * torch.relu(torch.cos(gap))  # (B, M, K)
+        speed = self._norm(next_velocity)  # (B, M, 1)
+        reach = self.stopping_path(speed)  # (B, M, 1)
+        # cos(gap_k) from the cosine and sine of the angle between the motion and bin k's centre:
+        # 1 inside the sector, cos(angle - half width) outside it; smooth, so the planner can use it.
+        heading, bins = next_velocity / speed, self.bin_directions.to(quantities.device)
+        cos_angle = heading @ bins.T  # (B, M, K)
+        sin_angle = (heading[..., :1] * bins[:, 1] - heading[..., 1:] * bins[:, 0]).abs()
+        width_cos, width_sin = math.cos(self.half_width), math.sin(self.half_width)
+        toward = torch.where(cos_angle >= width_cos, torch.ones_like(cos_angle),
+                             torch.relu(cos_angle * width_cos + sin_angle * width_sin))
+        approach = reach * toward  # (B, M, K)
         predicted = quantities[:, None].expand(-1, actions.shape[1], -1).clone()
         predicted[..., self.velocity_index] = next_velocity
         predicted[..., self.range_index] = quantities[:, None, self.range_index] - approach
@@ -145,6 +154,14 @@ class Shield:
         """What checkpoints compare: a run cannot resume with its shield loosened."""
         return self._description
 
+    def planning_cost(self, observation: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """observation: (B, Q), actions: (B, A) first actions of plans -> (B,) guardrail cost of the
+        ego model's worst case after each, differentiable in the actions. The plan energy adds it,
+        so the planner sees what the shield will refuse instead of proposing it again and again
+        (a robot that keeps pushing at a hazard between it and the goal)."""
+        predicted = self.ego.predict(observation, actions[:, None])[:, 0]
+        return self.intrinsic_cost.guardrail_cost(predicted, actions)
+
     def fallback(self, quantities: torch.Tensor) -> torch.Tensor:
         """quantities: (B, Q) -> (B, A) the declared safe action."""
         if self.fallback_kind == "brake" and self.ego is not None:
@@ -152,11 +169,12 @@ class Shield:
         return quantities.new_zeros(quantities.shape[0], self.action_dim)
 
     @torch.no_grad()
-    def guardrail_costs(self, quantities: torch.Tensor, latent: torch.Tensor | None,
-                        candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def guardrail_costs(self, quantities: torch.Tensor, latent: torch.Tensor | None, candidates: torch.Tensor,
+                        readout_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """quantities: (B, Q), latent: (B, D) or None, candidates: (B, M, A) -> guardrail cost of
         each candidate's predicted next state under the ego model and under the world model,
-        (B, M) each (zeros where that model is not used)."""
+        (B, M) each (zeros where that model is not used). readout_offset: (B, Q) added to the world
+        model's readout (WorldModel.readout_offset)."""
         ego_cost = torch.zeros(candidates.shape[:2], device=candidates.device)
         if self.ego is not None:
             ego_cost = self.intrinsic_cost.guardrail_cost(self.ego.predict(quantities, candidates), candidates)
@@ -164,12 +182,15 @@ class Shield:
         if latent is not None:
             states = latent[:, None].expand(-1, candidates.shape[1], -1)
             predicted = self.world_model.readout(self.world_model.step(states, candidates))
+            if readout_offset is not None:
+                predicted = predicted + readout_offset[:, None]
             world_cost = self.intrinsic_cost.guardrail_cost(predicted, candidates)
         return ego_cost, world_cost
 
     @torch.no_grad()
     def filter(self, quantities: torch.Tensor, proposed: torch.Tensor, latent: torch.Tensor | None = None,
-               alternatives: torch.Tensor | None = None) -> ShieldDecision:
+               alternatives: torch.Tensor | None = None, readout_offset: torch.Tensor | None = None
+               ) -> ShieldDecision:
         """quantities: (B, Q) the observation; proposed: (B, A) in [-1, 1]; latent: (B, D), given
         when the world model's prediction should be checked; alternatives: (B, N, A) the planner's
         other candidates' first actions, best first. -> the actions to send, and what was done."""
@@ -184,7 +205,7 @@ class Shield:
         parts = [proposed[:, None]] + ([alternatives] if alternatives is not None else []) + [fallback[:, None]]
         # (B, M, A): the proposal, the alternatives, the fallback
         candidates = torch.cat([part.to(quantities.dtype) for part in parts], dim=1).clamp(-1.0, 1.0)
-        ego_cost, world_cost = self.guardrail_costs(quantities, latent, candidates)
+        ego_cost, world_cost = self.guardrail_costs(quantities, latent, candidates, readout_offset)
         total = ego_cost + world_cost
         tolerance = self.tolerance
         intervened = total[:, 0] > tolerance

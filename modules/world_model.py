@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ami.config import WorldModelConfig
+from ami.messages import Percept
 from modules.perception import Perception, mlp
 
 
@@ -76,6 +77,15 @@ class WorldModel(nn.Module):
     def readout(self, states: torch.Tensor) -> torch.Tensor:
         """states: (..., D) -> quantities (..., Q), in the observation's own units."""
         return self.readout_head(states)
+
+    @torch.no_grad()
+    def readout_offset(self, percept: Percept) -> torch.Tensor:
+        """(B, Q) to add to the readout of states imagined from percept.state: observation minus
+        the readout of the current state with anchor_readout, else zeros."""
+        state = percept.state
+        if not self.config.anchor_readout or percept.observation is None:
+            return state.new_zeros(state.shape[0], len(self.observation_names))
+        return percept.observation - self.readout(state)
 
     def loss(self, perception: Perception, obs: torch.Tensor, actions: torch.Tensor) -> WorldModelLosses:
         """obs: (K + 1, B, obs_dim) contiguous, within one episode; actions: (K, B, A)."""

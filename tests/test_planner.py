@@ -245,3 +245,23 @@ def test_gradient_planner_never_returns_worse_than_it_evaluated():
     optimum_energy, _ = energy_fn(S0, warm)
     torch.testing.assert_close(plan.energy_after, optimum_energy)
     torch.testing.assert_close(plan.actions, warm)
+
+
+def test_anchored_readout_prices_the_first_step_on_the_true_observation(make_agent):
+    """With anchor_readout the imagined quantities are the observation plus the readout's predicted
+    change: the first step's cost is the analytic cost of the real observation, whatever the
+    (untrained) readout says; without it, the readout's error shows."""
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(4, 3, generator=g)
+    actions = torch.rand(1, 4, 1, generator=g) * 2 - 1
+    energies = {}
+    for anchor in (True, False):
+        agent, _ = make_agent("agent.cost.value_weight=0", f"agent.world_model.anchor_readout={anchor}")
+        weights = agent.cost.intrinsic.weight_vector()
+        percept = agent.perceive(obs.numpy())
+        offset = agent.world_model.readout_offset(percept)
+        energies[anchor], _ = agent.actor.energy.bind(weights, offset)(percept.state, actions)
+        analytic = weights * agent.cost.intrinsic.mask("analytic")
+        exact = (agent.cost.intrinsic.analytic_terms(obs, actions[0]) * analytic).sum(-1)
+    torch.testing.assert_close(energies[True], exact)
+    assert not torch.allclose(energies[False], exact, atol=1e-3)

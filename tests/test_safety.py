@@ -17,6 +17,7 @@ from ami.config import ConfigError, load_config, without_guardrails
 from ami.envs import make_env, observation_names
 from ami.envs.hazard_nav import HazardNavEnv
 from ami.train import Trainer
+from modules.actor import PlanEnergy
 from modules.cost import GuardrailError, IntrinsicCost
 from modules.shield import Shield
 from modules.world_model import WorldModel
@@ -238,3 +239,36 @@ def test_agent_output_is_shielded_when_planning(tmp_path):
     actions, _, _, plan, decision = agent.act(np.repeat(obs[None], 3, 0), generator=torch.Generator().manual_seed(0))
     assert np.array_equal(actions, decision.actions.numpy())
     assert actions.shape == (3, 2) and plan.candidates.shape[1] == 3
+
+
+def test_plan_energy_prices_what_the_shield_would_refuse_and_compiles_the_same():
+    """Beside a hazard, a first action towards it costs more than one away from it, by the ego
+    model's guardrail cost, and the compiled energy and gradient equal eager autograd."""
+    cfg = load_config(["env=hazard_nav", "agent=tiny", "agent.actor.horizon=3"])
+    env = make_env(cfg.env)
+    hazards = env.reset(seed=0)[1]["hazards"]
+    position = hazards[0] + np.array([env.unwrapped.hazard_radius + 0.12, 0.0])
+    if abs(position[0]) > env.unwrapped.arena_size:
+        position = hazards[0] - np.array([env.unwrapped.hazard_radius + 0.12, 0.0])
+    away = float(np.sign(position[0] - hazards[0][0]))
+    obs = env.unwrapped.set_state(position, np.zeros(2), hazards)
+    torch.manual_seed(0)
+    agent = build_agent(OmegaConf.to_object(cfg.agent), 36, 2, observation_names(cfg.env, env), torch.device("cpu"))
+    energy = agent.actor.energy
+    percept = agent.perceive(obs[None])
+    weights = agent.cost.intrinsic.weight_vector()
+    actions = torch.zeros(3, 2, 2)
+    actions[0, 0], actions[0, 1] = torch.tensor([-away, 0.0]), torch.tensor([away, 0.0])
+    state = percept.state.expand(2, -1)
+    bound = energy.bind(weights, None, percept.observation.expand(2, -1))
+    guided, grad, _ = bound.value_and_grad(state, actions)
+    shield_cost = agent.shield.planning_cost(percept.observation.expand(2, -1), actions[0])
+    assert shield_cost[0] > 0 and shield_cost[1] == 0
+    unguided = PlanEnergy(agent.world_model, agent.cost.intrinsic, agent.cost.critic, energy.discount,
+                          energy.value_weight).bind(weights)(state, actions)[0]
+    torch.testing.assert_close(guided - unguided, shield_cost, atol=1e-4, rtol=1e-4)
+    energy.compile()
+    compiled, compiled_grad, _ = energy.bind(weights, None, percept.observation.expand(2, -1)).value_and_grad(
+        state, actions)
+    torch.testing.assert_close(compiled, guided, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(compiled_grad, grad, atol=1e-4, rtol=1e-4)
