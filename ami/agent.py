@@ -36,7 +36,7 @@ class Agent:
         self.device = device
         self.exploration_std = exploration_std
         # The world model's predictions are checked only once it has learned something; until then
-        # the shield rests on the ego model alone. The trainer turns this on after the seed phase.
+        # the shield rests on the ego model alone. The learner turns this on with its first update.
         self.world_model_trained = False
 
     def perceive(self, obs: np.ndarray) -> Percept:

@@ -70,6 +70,7 @@ class Learner:
             policy_error = imitation.item()
             agent.configurator.report(policy_error=policy_error)
         self.updates += 1
+        agent.world_model_trained = True
         return {
             "world_model/loss": wm_losses.total.item(),
             "world_model/prediction_loss": wm_losses.prediction.item(),
@@ -94,3 +95,4 @@ class Learner:
             optimiser.load_state_dict(state["optimisers"][key])
         self.generator.set_state(state["generator"])
         self.updates = int(state["updates"])
+        self.agent.world_model_trained = self.updates > 0

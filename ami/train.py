@@ -170,7 +170,6 @@ class Trainer:
                 if self.step == cfg.seed_steps:
                     for _ in range(cfg.pretrain_updates):
                         stats = self.learner.update()
-                    self.agent.world_model_trained = self.learner.updates > 0
                 if self.step > cfg.seed_steps and self.step % cfg.update_every == 0:
                     for _ in range(cfg.updates_per_round):
                         stats = self.learner.update()
@@ -308,7 +307,6 @@ class Trainer:
         agent.memory.load_state_dict(state["memory"])
         self.step, self.episode = state["counters"]["step"], state["counters"]["episode"]
         self.safety_totals = dict(state["safety_totals"])
-        agent.world_model_trained = self.learner.updates > 0
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
