@@ -39,11 +39,26 @@ class Agent:
         # the shield rests on the ego model alone. The learner turns this on with its first update.
         self.world_model_trained = False
 
-    def perceive(self, obs: np.ndarray) -> Percept:
-        """obs: (B, obs_dim) -> Percept with state (B, D)."""
-        observation = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+    def perceive(self, obs: np.ndarray | Mapping[str, np.ndarray]) -> Percept:
+        """obs: (B, obs_dim) vectors, (B, H, W, C) images, or a dict of "image" with an optional "goal" image and
+        "vector" -> Percept with state (B, D), goal (B, D) when there is one, and the observation's named
+        quantities (B, Q) (an image has none)."""
+        device = self.device
+        if not isinstance(obs, Mapping) and np.ndim(obs) != 4:
+            observation = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            with torch.no_grad():
+                return Percept(self.perception(observation), observation=observation)
+        parts = obs if isinstance(obs, Mapping) else {"image": obs}
+        image = torch.as_tensor(parts["image"], device=device)
+        vector = torch.as_tensor(parts["vector"], dtype=torch.float32, device=device) if "vector" in parts \
+            else torch.zeros(image.shape[0], 0, device=device)
         with torch.no_grad():
-            return Percept(self.perception(observation), observation=observation)
+            state = self.perception(image, vector if "vector" in parts else None)
+            goal = None
+            if "goal" in parts:  # the goal is an observation like any other: same encoder, same space
+                goal_vector = torch.zeros_like(vector) if "vector" in parts else None
+                goal = self.perception(torch.as_tensor(parts["goal"], device=device), goal_vector)
+        return Percept(state, goal, vector)
 
     def act(self, obs: np.ndarray, explore: bool = False, generator: torch.Generator | None = None
             ) -> tuple[np.ndarray, Percept, Task, Plan, ShieldDecision]:
@@ -59,7 +74,8 @@ class Agent:
         action = torch.nan_to_num(action, nan=0.0).clamp(-1.0, 1.0)
         order = plan.candidate_energy.argsort(dim=1)  # the shield prefers the planner's best candidates
         alternatives = plan.candidates[0].gather(1, order[..., None].expand(-1, -1, plan.candidates.shape[-1]))
-        decision = self.shield_actions(obs, action.numpy(), percept, alternatives.detach())
+        decision = self.shield_actions(percept.observation.cpu().numpy(), action.numpy(), percept,
+                                       alternatives.detach())
         return decision.actions.numpy(), percept, task, plan, decision
 
     def shield_actions(self, obs: np.ndarray, proposed: np.ndarray, percept: Percept | None = None,
@@ -81,13 +97,21 @@ class Agent:
     def observe(self, step: int, episode: int, obs: np.ndarray, action: np.ndarray, reward: float,
                 next_obs: np.ndarray, terminated: bool, truncated: bool, info: Mapping[str, Any],
                 latent: torch.Tensor, planned: bool, plan_energy: float = float("nan")) -> Record:
-        """Score one real transition with the intrinsic cost and write it to memory."""
-        obs_t = torch.as_tensor(obs, dtype=torch.float32)
+        """Score one real transition with the intrinsic cost and write it to memory. An image observation
+        is stored as it came (uint8); it has no named quantities for the analytic terms."""
         action_t = torch.as_tensor(action, dtype=torch.float32)
-        terms = self.cost.intrinsic.real_terms(obs_t, action_t, reward, info)
-        record = Record(step, episode, obs_t, torch.as_tensor(next_obs, dtype=torch.float32),
-                        latent.detach().cpu().reshape(-1), action_t, float(reward), terms,
-                        bool(terminated), bool(truncated), planned, plan_energy)
+        if isinstance(obs, Mapping) or np.ndim(obs) == 3:
+            if isinstance(obs, Mapping) and set(obs) - {"image", "goal"}:
+                raise ValueError(f"observation keys {sorted(obs)}: memory stores the image (and ignores a goal); "
+                                 "a dict observation's 'vector' is not stored")
+            image, next_image = (obs["image"], next_obs["image"]) if isinstance(obs, Mapping) else (obs, next_obs)
+            obs_t, next_t, quantities = torch.as_tensor(image), torch.as_tensor(next_image), torch.zeros(0)
+        else:
+            obs_t = quantities = torch.as_tensor(obs, dtype=torch.float32)
+            next_t = torch.as_tensor(next_obs, dtype=torch.float32)
+            self.perception.normalizer.update(obs_t[None])
+        terms = self.cost.intrinsic.real_terms(quantities, action_t, reward, info)
+        record = Record(step, episode, obs_t, next_t, latent.detach().cpu().reshape(-1), action_t, float(reward),
+                        terms, bool(terminated), bool(truncated), planned, plan_energy)
         self.memory.write(record)
-        self.perception.normalizer.update(obs_t[None])
         return record

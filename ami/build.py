@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -11,7 +12,7 @@ from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
 from modules.cost import Cost, IntrinsicCost, TrainableCritic
 from modules.memory import ShortTermMemory
-from modules.perception import Perception
+from modules.perception import ImagePerception, Perception
 from modules.shield import Shield
 from modules.world_model import WorldModel
 
@@ -30,19 +31,40 @@ def as_dataclass(cfg: DictConfig) -> AgentConfig:
     return OmegaConf.to_object(cfg)
 
 
-def build_agent(config: AgentConfig, obs_dim: int, action_dim: int, observation_names: list[str],
-                device: torch.device) -> Agent:
-    perception = Perception(obs_dim, config.perception).to(device)
+def build_perception(observation: int | gym.Space, config: AgentConfig) -> Perception | ImagePerception:
+    """observation: a vector's size, or the observation space (a flat Box, a uint8 image Box, or a Dict of
+    "image", optional "goal" and optional "vector")."""
+    if isinstance(observation, int):
+        return Perception(observation, config.perception)
+    if isinstance(observation, gym.spaces.Dict):
+        vector = observation.spaces.get("vector")
+        return ImagePerception(observation["image"].shape, 0 if vector is None else vector.shape[0],
+                               "goal" in observation.spaces, config.perception)
+    if len(observation.shape) == 3:
+        return ImagePerception(observation.shape, 0, False, config.perception)
+    return Perception(observation.shape[0], config.perception)
+
+
+def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: int,
+                observation_names: list[str], device: torch.device) -> Agent:
+    """observation: the observation space, or a vector observation's size."""
+    perception = build_perception(observation, config).to(device)
     latent_dim = config.perception.latent_dim
     world_model = WorldModel(latent_dim, action_dim, observation_names, config.world_model).to(device)
     intrinsic = IntrinsicCost(config.cost.terms, observation_names)
     critic = TrainableCritic(latent_dim, action_dim, config.cost).to(device)
     cost = Cost(intrinsic, critic)
-    memory = ShortTermMemory(obs_dim, action_dim, latent_dim, len(intrinsic.term_names), config.memory)
+    if isinstance(perception, ImagePerception):  # memory keeps the image, as uint8
+        memory = ShortTermMemory(perception.image_shape, action_dim, latent_dim, len(intrinsic.term_names),
+                                 config.memory, torch.uint8)
+    else:
+        memory = ShortTermMemory(perception.obs_dim, action_dim, latent_dim, len(intrinsic.term_names),
+                                 config.memory)
     policy = Policy(latent_dim, action_dim, config.actor).to(device)
     shield = Shield(config.shield, intrinsic, world_model, observation_names, action_dim)
     guide = shield.planning_cost if shield.active and shield.ego is not None and config.shield.guide_planner else None
-    energy = PlanEnergy(world_model, intrinsic, critic, config.cost.discount, config.cost.value_weight, guide)
+    energy = PlanEnergy(world_model, intrinsic, critic, config.cost.discount, config.cost.value_weight, guide,
+                        config.cost.goal)
     if config.actor.compile:
         energy.compile()
     actor = Actor(policy, energy, action_dim, config.actor)

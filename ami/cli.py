@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ami.config import ConfigError, available, load_config, load_saved
@@ -64,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     safety.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes")
     safety.add_argument("--no-progress", action="store_true")
     safety.add_argument("--out", default=None, help="output folder (default runs/bench/safety__<env>__<stamp>)")
+    goals = bench.add_parser("goals", help="zero-shot goal reaching on reward-free world models: planners side by side")
+    goals.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
+                       help="reward-free runs (ami train env=two_rooms), one per seed")
+    goals.add_argument("--variants", nargs="+", default=None,
+                       help="planner variants (default: gradient mppi; 'all' adds the ablations)")
+    goals.add_argument("--episodes", type=int, default=100, help="start/goal pairs per run and variant")
+    goals.add_argument("--jobs", type=int, default=1, help="evaluations at once, in separate processes")
+    goals.add_argument("--no-progress", action="store_true")
+    goals.add_argument("--out", default=None, help="output folder (default runs/bench/goals__<stamp>)")
     return parser
 
 
@@ -72,7 +81,21 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ami.bench import control, planner, safety
+    from ami.bench import control, goals, planner, safety
+
+    if args.bench == "goals":
+        for name in ("episodes", "jobs"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name}={getattr(args, name)}: expected a positive number")
+        variants = args.variants or list(goals.DEFAULT_VARIANTS)
+        if variants == ["all"]:
+            variants = list(goals.VARIANTS)
+        unknown = [v for v in variants if v not in goals.VARIANTS]
+        if unknown:
+            raise ConfigError(f"--variants {unknown}: expected some of {list(goals.VARIANTS)} or 'all'")
+        out = Path(args.out) if args.out else Path("runs") / "bench" / f"goals__{time.strftime('%Y%m%d-%H%M%S')}"
+        goals.run(args.runs, variants, args.episodes, out, not args.no_progress, args.jobs)
+        return 0
 
     if args.bench == "safety":
         for name in ("steps", "episodes", "jobs"):
@@ -117,12 +140,27 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(overrides)
         run_dir = new_run_dir(cfg)
     print(OmegaConf.to_yaml(cfg), end="")
+    if cfg.reward_free.enabled:
+        return _train_reward_free(cfg, run_dir, bool(args.resume))
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     print(describe(trainer))
     print(f"run directory: {run_dir}" + (f" (resuming at step {trainer.step})" if args.resume else ""))
     trainer.train()
     print(f"done: {trainer.step} steps; checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
     print(f"evaluate with: ami eval {run_dir}")
+    return 0
+
+
+def _train_reward_free(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
+    from ami.reward_free import RewardFreeTrainer, describe
+
+    trainer = RewardFreeTrainer(cfg, run_dir, resume=resume)
+    print(describe(trainer))
+    print(f"run directory: {run_dir}" + (f" (resuming at update {trainer.updates})" if resume else ""))
+    result = trainer.train()
+    print(f"done: {result['updates']} updates in {result['train_seconds']:.0f} s; "
+          f"checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
+    print(f"plan to goals with: ami bench goals --runs {run_dir}")
     return 0
 
 

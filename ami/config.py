@@ -26,12 +26,26 @@ class EnvConfig:
     # Names of the observation vector's entries; the world model's readout predicts them and the
     # analytic cost terms read them. Empty: obs_0, obs_1, ...
     observation_names: list[str] = field(default_factory=list)
+    # Observe env.render() instead of the env's observation (PixelObservation): resized to
+    # image_size x image_size, the last frame_stack frames on the channel axis.
+    pixels: bool = False
+    image_size: int = 64
+    frame_stack: int = 1
+    grayscale: bool = False
 
 
 @dataclass
 class PerceptionConfig:
     latent_dim: int = 64
     hidden_dim: int = 128
+    # Image observations: a convolutional encoder of conv_layers stride-2 layers of conv_channels
+    # channels (with x, y coordinate channels), then an MLP with any "vector" entries.
+    conv_channels: int = 32
+    conv_layers: int = 4
+    keypoints: int = 0  # spatial-softmax keypoints on the second conv layer's map (0: none)
+    # The latent from the keypoints alone (no flattened final map): a state that moves smoothly with
+    # the objects in view, which a latent distance to a goal needs.
+    keypoints_only: bool = False
     # "ema": target encoder is a slow average of the online one; "stopgrad": the online encoder,
     # detached.
     target: str = "ema"
@@ -52,6 +66,15 @@ class WorldModelConfig:
     anchor_readout: bool = False
     variance_weight: float = 1.0
     covariance_weight: float = 0.04
+    # Anti-collapse terms that shape the latent's geometry for planning: an inverse-dynamics head
+    # predicting a[t] from (s[t], s[t+1]) keeps what the agent controls; temporal smoothness,
+    # mean ||s[t+1] - s[t]||^2, keeps one step a short distance.
+    inverse_dynamics_weight: float = 0.0
+    smoothness_weight: float = 0.0
+    # Hinge on each sequence's latent std over time (mean over dims) below temporal_std_target: what
+    # moves within an episode must show in the latent, not only what differs between episodes.
+    temporal_variance_weight: float = 0.0
+    temporal_std_target: float = 0.2
     grad_clip: float = 10.0
 
 
@@ -72,8 +95,20 @@ class CostTermConfig:
 
 
 @dataclass
+class GoalConfig:
+    """The intrinsic cost's goal term, on when the observation carries a goal: the configurator encodes the
+    goal observation, and every imagined state pays weight * distance(s_t, goal), the plan's last
+    state final_weight * distance more. metric: "l2" or "squared" (modules.cost.latent_goal_distance)."""
+
+    weight: float = 1.0
+    final_weight: float = 10.0
+    metric: str = "l2"
+
+
+@dataclass
 class CostConfig:
     terms: list[CostTermConfig] = field(default_factory=list)
+    goal: GoalConfig = field(default_factory=GoalConfig)
     discount: float = 0.99
     critic_hidden_dim: int = 128
     critic_lr: float = 3e-4
@@ -101,7 +136,11 @@ class ActorConfig:
     lr: float = 0.1  # Adam step on the actions (gradient planner)
     init_std: float = 0.5  # spread of candidates around the warm start
     fresh_fraction: float = 0.125  # share of candidates started at a random constant action instead
+    fresh_segments: int = 1  # constant pieces in a fresh candidate, each starting at a random step
     exploration_std: float = 0.1  # Gaussian noise on executed actions while training
+    # Env steps each plan is followed before the next planning call (model-predictive control with
+    # a receding horizon); 1 replans every step.
+    replan_every: int = 1
     # MPPI
     mppi_temperature: float = 0.5
     mppi_elite: int = 64
@@ -175,6 +214,27 @@ class TrainConfig:
 
 
 @dataclass
+class RewardFreeConfig:
+    """World-model training without any reward: exploratory random actions, perception and world
+    model only. `ami train` runs it instead of the agent loop when enabled."""
+
+    enabled: bool = False
+    transitions: int = 200_000  # collected once, before training (regenerated from the seed on resume)
+    num_envs: int = 16  # gymnasium vector env for collection
+    action_hold: float = 8.0  # mean number of steps a random action is held (geometric)
+    updates: int = 4000  # joint updates of encoder and predictor
+    # Then the predictor alone on the frozen encoder's latents of the whole dataset, encoded once: many
+    # cheap updates on long rollouts, where the joint phase pays for an image encoder at every step.
+    predictor_updates: int = 0
+    predictor_batch_size: int = 256
+    predictor_horizon: int = 16
+    log_every: int = 250  # updates between scalar logs (latent health, probe)
+    picture_every: int = 1000  # updates between planned-trajectory pictures
+    checkpoint_every: int = 500
+    probe_frames: int = 4000  # frames encoded for the linear probe and the nearest-frame bank
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -186,6 +246,7 @@ class RunConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reward_free: RewardFreeConfig = field(default_factory=RewardFreeConfig)
 
 
 class ConfigError(ValueError):
@@ -270,6 +331,7 @@ def validate(cfg: DictConfig) -> None:
     a = cfg.agent
     _choice("agent.perception.target", a.perception.target, ("ema", "stopgrad"))
     _choice("agent.actor.planner", a.actor.planner, ("gradient", "mppi"))
+    _choice("agent.cost.goal.metric", a.cost.goal.metric, ("l2", "squared"))
     _choice("agent.configurator.mode", a.configurator.mode, ("mode1", "mode2", "auto"))
     _choice("agent.shield.fallback", a.shield.fallback, ("zero", "brake"))
     _choice("agent.shield.ego.kind", a.shield.ego.kind, ("none", "point_mass"))
@@ -281,7 +343,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
                 "agent.actor.candidates", "agent.world_model.batch_size",
                 "agent.world_model.rollout_horizon", "agent.memory.capacity",
-                "train.total_steps", "train.eval_episodes", "train.update_every"):
+                "train.total_steps", "train.eval_episodes", "train.update_every", "agent.actor.replan_every", "agent.actor.fresh_segments",
+                "reward_free.transitions", "reward_free.num_envs", "reward_free.updates",
+                "reward_free.predictor_batch_size", "reward_free.predictor_horizon",
+                "reward_free.log_every", "reward_free.picture_every", "reward_free.checkpoint_every",
+                "reward_free.probe_frames", "reward_free.action_hold", "env.image_size", "env.frame_stack"):
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:
         raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")

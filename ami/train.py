@@ -53,10 +53,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.env = make_env(cfg.env)
-        obs_dim, action_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]
         agent_cfg = OmegaConf.to_object(cfg.agent)
-        self.agent = build_agent(agent_cfg, obs_dim, action_dim, observation_names(cfg.env, self.env),
-                                 self.device)
+        self.agent = build_agent(agent_cfg, self.env.observation_space, self.env.action_space.shape[0],
+                                 observation_names(cfg.env, self.env), self.device)
         self.learner = Learner(self.agent, agent_cfg, cfg.seed)
         self.plan_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.action_rng = np.random.default_rng(cfg.seed)  # seed-phase actions
@@ -97,7 +96,7 @@ class Trainer:
         if self.step < train.seed_steps:  # random actions, shielded like any other
             proposed = self.action_rng.uniform(-1.0, 1.0, self.env.action_space.shape).astype(np.float32)
             percept = agent.perceive(self.obs[None])
-            decision = agent.shield_actions(self.obs[None], proposed[None], percept)
+            decision = agent.shield_actions(percept.observation.cpu().numpy(), proposed[None], percept)
             action, latent, planned, energy = decision.actions[0].numpy(), percept.state, False, float("nan")
         else:
             actions, percept, task, plan, decision = agent.act(self.obs[None], explore=True,

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ami.config import ActorConfig
+from ami.config import ActorConfig, GoalConfig
 from ami.messages import Percept, Plan, Task
-from modules.cost import IntrinsicCost, TrainableCritic, discount_weights
+from modules.cost import IntrinsicCost, TrainableCritic, discount_weights, latent_goal_distance
 from modules.perception import mlp
 from modules.world_model import WorldModel
 
@@ -26,13 +26,17 @@ class PlanEnergy:
     """Energy of action sequences through the world model, the intrinsic cost and the critic.
 
     E = sum_t gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)] + w_v gamma^H TC_value(s_H)
+        + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g)
     """
 
     def __init__(self, world_model: WorldModel, intrinsic_cost: IntrinsicCost,
                  critic: TrainableCritic, discount: float, value_weight: float,
-                 first_action_cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 first_action_cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 goal: GoalConfig | None = None) -> None:
         """first_action_cost: (observation (B, Q), first actions (B, A)) -> (B,), a known cost of
-        the first step added to the energy (the shield's ego-model guardrail cost)."""
+        the first step added to the energy (the shield's ego-model guardrail cost). goal: the goal
+        term's weights and metric, used when a plan is bound to a latent goal."""
+        self.goal_config = goal or GoalConfig()
         self.world_model = world_model
         self.intrinsic_cost = intrinsic_cost
         self.critic = critic
@@ -44,9 +48,9 @@ class PlanEnergy:
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
                  use_step_head: bool, readout_offset: torch.Tensor,
-                 observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 observation: torch.Tensor, goal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """state: (B, D), actions: (H, B, A), analytic_weights: (T,), readout_offset: (B, Q) added to
-        every readout, observation: (B, Q) -> (energy (B,), states (H+1, B, D))."""
+        every readout, observation: (B, Q), goal: (B, D) or None -> (energy (B,), states (H+1, B, D))."""
         horizon = actions.shape[0]
         states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
         quantities = self.world_model.readout(states[:-1]) + readout_offset
@@ -60,26 +64,31 @@ class PlanEnergy:
             energy = energy + self.value_weight * gammas[-1] * self.critic.value(states[-1])
         if self.first_action_cost is not None:
             energy = energy + self.first_action_cost(observation, actions[0])
+        if goal is not None:
+            distance = latent_goal_distance(states[1:], goal, self.goal_config.metric)  # (H, B)
+            energy = energy + self.goal_config.weight * (gammas[1:, None] * distance).sum(0) \
+                + self.goal_config.final_weight * distance[-1]
         return energy, states
 
     def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
-                use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        energy, states = self(state, actions, analytic_weights, use_step_head, readout_offset, observation)
+                use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
+                goal: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        energy, states = self(state, actions, analytic_weights, use_step_head, readout_offset, observation, goal)
         return energy.sum(), (energy, states)
 
     def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
-                       use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
+                       goal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
         the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
             return _autograd_energy_and_grad(
-                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation),
+                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation, goal),
                 state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
             grad, (_, (energy, states)) = self._compiled_value_and_grad(
-                actions.detach(), state.detach(), analytic_weights, use_step_head, readout_offset, observation)
+                actions.detach(), state.detach(), analytic_weights, use_step_head, readout_offset, observation,
+                goal)
         return energy, grad, states
 
     def compile(self) -> None:
@@ -98,26 +107,28 @@ class PlanEnergy:
         return self._compiled_value_and_grad is not None
 
     def bind(self, weights: torch.Tensor, readout_offset: torch.Tensor | None = None,
-             observation: torch.Tensor | None = None) -> BoundEnergy:
+             observation: torch.Tensor | None = None, goal: torch.Tensor | None = None) -> BoundEnergy:
         """The energy for one task's weights: (T,), and one batch's readout offset and observation:
-        (B, Q) each (WorldModel.readout_offset; zeros when None)."""
+        (B, Q) each (WorldModel.readout_offset; zeros when None), and latent goal: (B, D) or None."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
         if self.first_action_cost is not None and observation is None:
             raise ValueError("this plan energy prices the first action on the observation; bind it with one")
-        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation)
+        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation, goal)
 
 
 class BoundEnergy:
-    """An EnergyFn with its weights and readout offset fixed, and a fast action gradient."""
+    """An EnergyFn with its weights, readout offset and goal fixed, and a fast action gradient."""
 
     def __init__(self, energy: PlanEnergy, analytic_weights: torch.Tensor, use_step_head: bool,
-                 readout_offset: torch.Tensor | None = None, observation: torch.Tensor | None = None) -> None:
+                 readout_offset: torch.Tensor | None = None, observation: torch.Tensor | None = None,
+                 goal: torch.Tensor | None = None) -> None:
         self.energy = energy
         self.analytic_weights = analytic_weights
         self.use_step_head = use_step_head
         self.readout_offset = readout_offset
         self.observation = observation
+        self.goal = goal
 
     def _rows(self, per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
         """(B', Q) for a state batch of B' rows: planners repeat each environment's state once per
@@ -126,9 +137,10 @@ class BoundEnergy:
             return state.new_zeros(state.shape[0], len(self.energy.world_model.observation_names))
         return per_env.repeat_interleave(state.shape[0] // per_env.shape[0], dim=0)
 
-    def _context(self, state: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+    def _context(self, state: torch.Tensor) -> tuple:
+        goal = None if self.goal is None else self.goal.repeat_interleave(state.shape[0] // self.goal.shape[0], 0)
         return (self.analytic_weights, self.use_step_head, self._rows(self.readout_offset, state),
-                self._rows(self.observation, state))
+                self._rows(self.observation, state), goal)
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.energy._forward(state, actions, *self._context(state))
@@ -215,10 +227,16 @@ class GradientPlanner:
         noise = torch.randn(horizon, batch, n, action_dim, generator=generator).to(device)
         candidates = (base + cfg.init_std * noise).clamp(-1.0, 1.0)
         # Fresh candidates hold a random level over the whole horizon: a local optimiser started only
-        # near the warm start can stall where every small change looks bad (a pendulum at rest).
+        # near the warm start can stall where every small change looks bad (a pendulum at rest). With
+        # fresh_segments > 1 the level changes at random steps: a detour (to a door, then to the goal)
+        # that no single straight move and no small change of one can find.
         fresh = int(cfg.fresh_fraction * n)
         if fresh:
-            level = torch.rand(1, batch, fresh, action_dim, generator=generator).to(device) * 2 - 1
+            levels = torch.rand(cfg.fresh_segments, batch, fresh, action_dim, generator=generator) * 2 - 1
+            switches = torch.rand(cfg.fresh_segments - 1, 1, batch, fresh, generator=generator) * horizon
+            steps = torch.arange(horizon, dtype=torch.float32)[None, :, None, None]
+            segment = (steps >= switches).sum(0)  # (H, B, fresh): which level holds at each step
+            level = levels.gather(0, segment[..., None].expand(-1, -1, -1, action_dim)).to(device)
             candidates[:, :, n - fresh:] = (level + cfg.init_std * noise[:, :, n - fresh:]).clamp(-1.0, 1.0)
         candidates[:, :, 0] = base[:, :, 0]
         if proposal is not None and n > 1:
@@ -338,13 +356,28 @@ class Actor:
         self.action_dim = action_dim
         self.planner = GradientPlanner(config) if config.planner == "gradient" else MPPIPlanner(config)
         self.previous: torch.Tensor | None = None  # (H, B, A)
+        self.held: Plan | None = None  # the plan being followed between planning calls (replan_every > 1)
+        self.held_age = 0
 
     def reset(self, done: torch.Tensor | None = None) -> None:
         """Forget warm starts: all of them, or where done: (B,) is True."""
+        self.held = None  # any environment starting afresh replans at once
         if done is None or self.previous is None:
             self.previous = None
         else:
             self.previous[:, done.to(self.previous.device)] = 0.0
+
+    def _follow(self, batch: int) -> Plan | None:
+        """The held plan advanced by one step, while replan_every allows and actions remain."""
+        plan = self.held
+        if plan is None or self.held_age + 1 >= self.config.replan_every or plan.actions.shape[0] < 2 \
+                or plan.actions.shape[1] != batch:
+            return None
+        self.held_age += 1
+        plan = Plan(plan.actions[1:], plan.energy_before, plan.energy_after, plan.states[1:],
+                    plan.candidates[1:], plan.candidate_energy, 0.0, plan.mode)
+        self.held, self.previous = plan, plan.actions
+        return plan
 
     def warm_start(self, batch: int, horizon: int) -> torch.Tensor | None:
         prev = self.previous
@@ -356,7 +389,10 @@ class Actor:
             generator: torch.Generator | None = None) -> Plan:
         """percept.state: (B, D) -> Plan with actions (H, B, A)."""
         state = percept.state.detach()
-        energy_fn = self.energy.bind(weights, self.energy.world_model.readout_offset(percept), percept.observation)
+        if task.mode == "mode2" and (followed := self._follow(state.shape[0])) is not None:
+            return followed
+        energy_fn = self.energy.bind(weights, self.energy.world_model.readout_offset(percept), percept.observation,
+                                     task.goal)
         proposal = self.policy.propose(state, self.energy.world_model, task.horizon)
         if task.mode == "mode1":
             start = time.perf_counter()
@@ -371,4 +407,5 @@ class Actor:
             self.previous = plan.actions
         else:  # never warm-start from a broken plan; the agent sends a safe action instead
             self.previous = None
+        self.held, self.held_age = (plan, 0) if self.previous is not None and task.mode == "mode2" else (None, 0)
         return plan

@@ -213,7 +213,7 @@ class IntrinsicCost:
         zeros = quantities.new_zeros(quantities.shape[:-1])
         values = [FORMULAS[f](q, actions, p) if k == "analytic" else zeros
                   for _, f, k, _, p in self._terms]
-        return torch.stack(values, dim=-1)
+        return torch.stack(values, dim=-1) if values else quantities.new_zeros(*quantities.shape[:-1], 0)
 
     def real_terms(self, obs: torch.Tensor, action: torch.Tensor, reward: float,
                    info: Mapping[str, Any]) -> torch.Tensor:
@@ -236,6 +236,20 @@ class IntrinsicCost:
         weights = torch.tensor([self._weights[n] if n in self._guardrails else 0.0 for n in self._names],
                                device=terms.device, dtype=terms.dtype)
         return (terms * weights).sum(-1)
+
+
+def latent_goal_distance(states: torch.Tensor, goal: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """The intrinsic cost's goal term: how far latent states are from the latent goal.
+
+    states: (..., B, D), goal: (B, D) -> (..., B). "l2": the Euclidean distance, whose gradient keeps its size
+    far from the goal (a planner in another room still hears it); "squared": its square over D (an MSE).
+    """
+    difference = states - goal
+    if metric == "squared":
+        return difference.pow(2).mean(-1)
+    if metric == "l2":
+        return (difference.pow(2).sum(-1) + 1e-8).sqrt()
+    raise ValueError(f"goal metric {metric!r}: expected 'l2' or 'squared'")
 
 
 def value_targets(costs: torch.Tensor, terminated: torch.Tensor, bootstrap: torch.Tensor,

@@ -12,7 +12,7 @@ from ami.messages import Record
 
 @dataclass(frozen=True)
 class SequenceBatch:
-    """obs: (L + 1, B, obs_dim), the last being the final next_obs; actions: (L, B, A);
+    """obs: (L + 1, B, *obs_shape), the last being the final next_obs; actions: (L, B, A);
     cost_terms: (L, B, T); reward, terminated, truncated, planned: (L, B)."""
 
     obs: torch.Tensor
@@ -33,15 +33,18 @@ class ShortTermMemory:
     FIELDS = ("step", "episode", "obs", "next_obs", "latent", "action", "reward", "cost_terms",
               "terminated", "truncated", "planned", "plan_energy")
 
-    def __init__(self, obs_dim: int, action_dim: int, latent_dim: int, num_terms: int,
-                 config: MemoryConfig) -> None:
+    def __init__(self, obs_shape: int | tuple[int, ...], action_dim: int, latent_dim: int, num_terms: int,
+                 config: MemoryConfig, obs_dtype: torch.dtype = torch.float32) -> None:
+        """obs_shape: the observation's size (a vector) or shape (an image, stored as obs_dtype=uint8:
+        a quarter of the float memory)."""
         self.config = config
         cap = config.capacity
         self.capacity = cap
+        shape = (obs_shape,) if isinstance(obs_shape, int) else tuple(obs_shape)
         self.step = torch.zeros(cap, dtype=torch.long)
         self.episode = torch.full((cap,), -1, dtype=torch.long)
-        self.obs = torch.zeros(cap, obs_dim)
-        self.next_obs = torch.zeros(cap, obs_dim)
+        self.obs = torch.zeros(cap, *shape, dtype=obs_dtype)
+        self.next_obs = torch.zeros(cap, *shape, dtype=obs_dtype)
         self.latent = torch.zeros(cap, latent_dim)
         self.action = torch.zeros(cap, action_dim)
         self.reward = torch.zeros(cap)
@@ -85,6 +88,14 @@ class ShortTermMemory:
     def sample_sequences(self, batch_size: int, length: int, generator: torch.Generator | None = None,
                          planned_only: bool = False) -> SequenceBatch:
         """batch_size stretches of `length` transitions, uniformly over valid starts."""
+        idx = self.sample_indices(batch_size, length, generator, planned_only)  # (L, B)
+        obs = torch.cat([self.obs[idx], self.next_obs[idx[-1]][None]], dim=0)
+        return SequenceBatch(obs, self.action[idx], self.cost_terms[idx], self.reward[idx],
+                             self.terminated[idx], self.truncated[idx], self.planned[idx])
+
+    def sample_indices(self, batch_size: int, length: int, generator: torch.Generator | None = None,
+                       planned_only: bool = False) -> torch.Tensor:
+        """Ring indices (length, batch_size) of batch_size valid stretches, uniformly over valid starts."""
         if self.size < length:
             raise ValueError(f"memory holds {self.size} records; cannot sample sequences of {length}")
         high = self.size if self.size < self.capacity else self.capacity
@@ -102,10 +113,7 @@ class ShortTermMemory:
         else:
             raise ValueError(f"memory has too few stretches of {length} steps to sample from")
         starts = torch.cat(chosen)
-        idx = ((starts[:, None] + torch.arange(length)) % self.capacity).T  # (L, B)
-        obs = torch.cat([self.obs[idx], self.next_obs[idx[-1]][None]], dim=0)
-        return SequenceBatch(obs, self.action[idx], self.cost_terms[idx], self.reward[idx],
-                             self.terminated[idx], self.truncated[idx], self.planned[idx])
+        return ((starts[:, None] + torch.arange(length)) % self.capacity).T
 
     def recall(self, key: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Associative recall. key: (D,) -> (indices (k,), cosine similarities (k,)), nearest first."""

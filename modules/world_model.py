@@ -2,7 +2,8 @@
 
 It predicts the target encoder's embedding of future observations over several steps, reads named
 observation quantities out of any latent (real or imagined) for the analytic cost terms, and is kept
-from collapsing by a VICReg variance + covariance regulariser on the encoder's output.
+from collapsing by a VICReg variance + covariance regulariser on the encoder's output, with an inverse-dynamics
+head (the action from two consecutive states) and a temporal-smoothness term where those help.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from ami.config import WorldModelConfig
 from ami.messages import Percept
-from modules.perception import Perception, mlp
+from modules.perception import ImagePerception, Perception, mlp
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class WorldModelLosses:
     readout: torch.Tensor
     variance: torch.Tensor
     covariance: torch.Tensor
+    inverse_dynamics: torch.Tensor
+    smoothness: torch.Tensor
+    temporal_variance: torch.Tensor
     latent_std: torch.Tensor
 
 
@@ -62,6 +66,7 @@ class WorldModel(nn.Module):
         self.observation_names = list(observation_names)
         self.predictor = mlp(latent_dim + action_dim, config.hidden_dim, latent_dim)
         self.readout_head = mlp(latent_dim, config.hidden_dim, len(self.observation_names))
+        self.inverse_dynamics_head = mlp(2 * latent_dim, config.hidden_dim, action_dim, layers=1)
 
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """state: (B, D), action: (B, A) in [-1, 1] -> next state (B, D)."""
@@ -87,23 +92,47 @@ class WorldModel(nn.Module):
             return state.new_zeros(state.shape[0], len(self.observation_names))
         return percept.observation - self.readout(state)
 
-    def loss(self, perception: Perception, obs: torch.Tensor, actions: torch.Tensor) -> WorldModelLosses:
-        """obs: (K + 1, B, obs_dim) contiguous, within one episode; actions: (K, B, A)."""
+    def prediction_loss(self, state: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """state: (B, D), actions: (K, B, A), targets: (K, B, D) -> (predicted states (K + 1, B, D), the
+        multi-step JEPA loss (scalar, step k weighted horizon_discount**k), its MSE by step (K,))."""
+        predicted = self.rollout(state, actions)
+        by_horizon = (predicted[1:] - targets).pow(2).mean(dim=(1, 2))
+        weights = self.config.horizon_discount ** torch.arange(actions.shape[0], device=state.device,
+                                                              dtype=torch.float32)
+        return predicted, (weights * by_horizon).sum() / weights.sum(), by_horizon
+
+    def loss(self, perception: Perception | ImagePerception, obs: torch.Tensor, actions: torch.Tensor
+             ) -> WorldModelLosses:
+        """obs: (K + 1, B, *obs_shape) contiguous, within one episode (vectors, or uint8 images whose
+        readout has no quantities); actions: (K, B, A)."""
         cfg = self.config
-        horizon = actions.shape[0]
         online = perception(obs.flatten(0, 1)).view(*obs.shape[:2], -1)  # (K + 1, B, D)
-        targets = perception.target(obs[1:])  # (K, B, D)
-        predicted = self.rollout(online[0], actions)  # (K + 1, B, D)
-        by_horizon = (predicted[1:] - targets).pow(2).mean(dim=(1, 2))  # (K,)
-        weights = cfg.horizon_discount ** torch.arange(horizon, device=obs.device, dtype=obs.dtype)
-        prediction = (weights * by_horizon).sum() / weights.sum()
-        # Readout on the encoder's state and on every imagined one, scaled per quantity so that no
-        # observation unit dominates.
-        scale = perception.normalizer.std if perception.normalizer.count >= 2 else torch.ones_like(obs[0, 0])
-        readout_error = (self.readout(predicted) - obs) / scale
-        readout = readout_error.pow(2).mean()
+        # With a stop-gradient target the online encodings are the targets: no second encoder pass.
+        targets = online[1:].detach() if perception.config.target == "stopgrad" else perception.target(obs[1:])
+        predicted, prediction, by_horizon = self.prediction_loss(online[0], actions, targets)
+        zero = prediction.new_zeros(())
+        readout = zero
+        if self.observation_names:
+            # Readout on the encoder's state and on every imagined one, scaled per quantity so that no
+            # observation unit dominates.
+            scale = perception.normalizer.std if perception.normalizer.count >= 2 else torch.ones_like(obs[0, 0])
+            readout = ((self.readout(predicted) - obs) / scale).pow(2).mean()
         variance, covariance, std = variance_covariance(online.flatten(0, 1))
+        inverse = smoothness = temporal = zero
+        if cfg.inverse_dynamics_weight:
+            pairs = torch.cat([online[:-1], online[1:]], dim=-1)  # (K, B, 2D)
+            inverse = (torch.tanh(self.inverse_dynamics_head(pairs)) - actions).pow(2).mean()
+        if cfg.temporal_variance_weight:
+            # Variance across the batch can be met by what differs between episodes alone (a wall placed
+            # at random) while what moves within one (the agent) is ignored: ask for change over time.
+            temporal_std = (online.var(0) + 1e-4).sqrt().mean(-1)  # (B,)
+            temporal = torch.relu(cfg.temporal_std_target - temporal_std).mean()
+        if cfg.smoothness_weight:
+            smoothness = (online[1:] - online[:-1]).pow(2).sum(-1).mean()
         total = (prediction + cfg.readout_weight * readout + cfg.variance_weight * variance
-                 + cfg.covariance_weight * covariance)
+                 + cfg.covariance_weight * covariance + cfg.inverse_dynamics_weight * inverse
+                 + cfg.smoothness_weight * smoothness + cfg.temporal_variance_weight * temporal)
         return WorldModelLosses(total, prediction.detach(), by_horizon.detach(), readout.detach(),
-                                variance.detach(), covariance.detach(), std.detach())
+                                variance.detach(), covariance.detach(), inverse.detach(), smoothness.detach(),
+                                temporal.detach(), std.detach())

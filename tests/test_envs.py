@@ -21,14 +21,18 @@ def test_env_preset_builds_and_its_cost_reads_the_observation(preset):
     cfg = load_config([f"env={preset}"])
     env = make_env(cfg.env)
     obs, _ = env.reset(seed=0)
-    assert obs.dtype == np.float32
+    image = obs["image"] if isinstance(obs, dict) else obs
+    assert image.dtype == (np.uint8 if image.ndim == 3 else np.float32)
     assert env.action_space.low.min() == -1.0 and env.action_space.high.max() == 1.0
     names = observation_names(cfg.env, env)
-    agent = build_agent(OmegaConf.to_object(cfg.agent), obs.shape[0], env.action_space.shape[0], names,
+    agent = build_agent(OmegaConf.to_object(cfg.agent), env.observation_space, env.action_space.shape[0], names,
                         torch.device("cpu"))
     action = np.zeros(env.action_space.shape, dtype=np.float32)
     next_obs, reward, _, _, info = env.step(action)
-    terms = agent.cost.intrinsic.real_terms(torch.as_tensor(next_obs), torch.as_tensor(action), reward, info)
+    batch = {k: v[None] for k, v in next_obs.items()} if isinstance(next_obs, dict) else next_obs[None]
+    quantities = agent.perceive(batch).observation[0]  # the named quantities: none for an image
+    assert quantities.shape == (len(names),)
+    terms = agent.cost.intrinsic.real_terms(quantities, torch.as_tensor(action), reward, info)
     assert terms.shape == (len(agent.cost.intrinsic.term_names),)
     assert torch.isfinite(terms).all()
     env.close()

@@ -1,6 +1,8 @@
 """Environment construction: any gymnasium id with a Box action space, actions in [-1, 1].
 
-Importing this package registers ami's own environments with gymnasium: ami/HazardNav-v0.
+Observations are a flat float32 vector, a uint8 image (H, W, C), or a dict of an "image" with an optional
+"goal" image and an optional flat "vector". `env.pixels=true` turns any env that renders into an image one.
+Importing this package registers ami's own environments with gymnasium: ami/HazardNav-v0, ami/TwoRooms-v0.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from gymnasium.wrappers import RescaleAction
 
 from ami.config import EnvConfig
+from ami.envs.pixels import PixelObservation
 
 # MuJoCo picks its OpenGL backend when first imported; headless machines render through EGL.
 # A machine with a display can still choose another backend by setting MUJOCO_GL itself.
@@ -24,11 +27,34 @@ class UnsupportedEnvError(ValueError):
     pass
 
 
+def observation_kind(space: gym.Space) -> str:
+    """"vector", "image" or "dict"; anything else raises UnsupportedEnvError."""
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        return "vector"
+    if _is_image(space):
+        return "image"
+    if isinstance(space, gym.spaces.Dict) and _is_image(space.spaces.get("image")):
+        extra = set(space.spaces) - {"image", "goal", "vector"}
+        goal, vector = space.spaces.get("goal"), space.spaces.get("vector")
+        if not extra and (goal is None or goal == space["image"]) and (
+                vector is None or (isinstance(vector, gym.spaces.Box) and len(vector.shape) == 1)):
+            return "dict"
+    raise UnsupportedEnvError(f"observation space {space}: expected a flat Box, a uint8 image Box (H, W, C), "
+                              "or a Dict of 'image' with optional 'goal' (same space) and flat 'vector'")
+
+
+def _is_image(space: gym.Space | None) -> bool:
+    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8
+
+
 def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
-    """The configured env with its actions rescaled to [-1, 1] and observations as float32."""
+    """The configured env with its actions rescaled to [-1, 1]; vector observations as float32, images as
+    uint8 (H, W, C)."""
     kwargs = dict(config.kwargs)
     if config.max_episode_steps is not None:
         kwargs["max_episode_steps"] = config.max_episode_steps
+    if config.pixels:
+        render_mode = "rgb_array"
     try:
         env = gym.make(config.id, render_mode=render_mode, **kwargs)
     except gym.error.Error as error:
@@ -36,12 +62,17 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         raise UnsupportedEnvError(f"env.id={config.id!r} has action space {env.action_space}; "
                                   "expected a Box (continuous) action space")
-    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
-        raise UnsupportedEnvError(f"env.id={config.id!r} has observation space {env.observation_space}; "
-                                  "expected a flat Box (vector) observation")
+    if config.pixels:
+        env = PixelObservation(env, config.image_size, config.frame_stack, config.grayscale)
+    try:
+        kind = observation_kind(env.observation_space)
+    except UnsupportedEnvError as error:
+        raise UnsupportedEnvError(f"env.id={config.id!r}: {error}") from error
     with warnings.catch_warnings():  # the wrapper's float64 bounds are cast to float32 on purpose
         warnings.simplefilter("ignore", UserWarning)
         env = RescaleAction(env, np.float32(-1.0), np.float32(1.0))
+    if kind != "vector":
+        return env
     return gym.wrappers.TransformObservation(
         env, lambda obs: np.asarray(obs, dtype=np.float32),
         gym.spaces.Box(env.observation_space.low.astype(np.float32),
@@ -54,9 +85,16 @@ def make_vector_env(config: EnvConfig, num_envs: int) -> gym.vector.SyncVectorEn
 
 
 def observation_names(config: EnvConfig, env: gym.Env) -> list[str]:
-    """Names of the observation's entries: the config's, else the env's own (an
-    `observation_names()` method, as HazardNav has), else obs_0, obs_1, ..."""
-    obs_dim = env.observation_space.shape[0]
+    """Names of the observation vector's entries (of the dict's "vector"; none for an image): the config's,
+    else the env's own (an `observation_names()` method, as HazardNav has), else obs_0, obs_1, ..."""
+    space = env.observation_space
+    kind = observation_kind(space)
+    if kind == "image" or (kind == "dict" and "vector" not in space.spaces):
+        if config.observation_names:
+            raise UnsupportedEnvError(f"env.observation_names={list(config.observation_names)}: {config.id} "
+                                      "observes an image, with no vector to name")
+        return []
+    obs_dim = (space["vector"] if kind == "dict" else space).shape[0]
     names = list(config.observation_names)
     if not names and callable(getattr(env.unwrapped, "observation_names", None)):
         names = list(env.unwrapped.observation_names())
@@ -68,3 +106,4 @@ def observation_names(config: EnvConfig, env: gym.Env) -> list[str]:
 
 
 gym.register(id="ami/HazardNav-v0", entry_point="ami.envs.hazard_nav:HazardNavEnv", max_episode_steps=1000)
+gym.register(id="ami/TwoRooms-v0", entry_point="ami.envs.two_rooms:TwoRoomsEnv", max_episode_steps=200)

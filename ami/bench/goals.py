@@ -1,0 +1,115 @@
+"""`ami bench goals`: zero-shot goal reaching on a reward-free world model, planner against planner.
+
+Each run (one trained world model per seed) is scored with every planner variant on the same start/goal
+pairs: the gradient planner as configured, MPPI on the same world model and energy, and ablations of the
+gradient planner's parts. Figures: success rate, steps to the goal, agent time per episode.
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ami.goals import batched, load_goal_agent, run_goal_episode
+
+EVAL_SEED = 1_000_000  # start/goal pairs come from env seeds EVAL_SEED + i: never the training data's
+# Planner variants: overrides on the run's own configuration. "gradient" is the configuration as trained;
+# the ablations take one part of it away each.
+VARIANTS: dict[str, list[str]] = {
+    "gradient": [],
+    "mppi": ["agent.actor.planner=mppi", "agent.actor.candidates=256", "agent.actor.iterations=6",
+             "agent.actor.mppi_elite=32"],
+    "one_candidate": ["agent.actor.candidates=1"],  # plain gradient descent on one sequence
+    "no_fresh": ["agent.actor.fresh_fraction=0.0"],  # every candidate starts near the warm start
+    "straight_fresh": ["agent.actor.fresh_segments=1"],  # fresh candidates are one straight move
+    "no_final_weight": ["agent.cost.goal.final_weight=0.0"],  # the plan's last state weighs like the others
+    "final_only": ["agent.cost.goal.weight=0.0"],  # only the plan's last state is priced
+    "horizon_20": ["agent.actor.horizon=20"],
+}
+DEFAULT_VARIANTS = ("gradient", "mppi")
+
+
+@dataclass(frozen=True)
+class Row:
+    run: str
+    seed: int
+    variant: str
+    episodes: int
+    success_rate: float
+    steps_mean: float  # over successful episodes
+    agent_s_per_episode: float  # wall time inside agent.act, mean over episodes
+    agent_s_per_episode_p90: float
+    plan_ms_per_call: float
+    final_distance_mean: float
+
+
+def evaluate_variant(run_dir: str, variant: str, episodes: int, progress: bool) -> Row:
+    agent, cfg, env = load_goal_agent(run_dir, VARIANTS[variant])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # One untimed planning call first: a torch.compile'd energy compiles on its first call.
+    obs, _ = env.reset(seed=EVAL_SEED)
+    agent.act(batched(obs), generator=generator)
+    results = [run_goal_episode(agent, env, EVAL_SEED + i, generator=generator)
+               for i in tqdm(range(episodes), desc=f"s{cfg.seed} {variant}", disable=not progress, leave=False)]
+    env.close()
+    success = np.array([r.success for r in results])
+    times = np.array([r.agent_time_s for r in results])
+    calls = sum(r.plan_calls for r in results)
+    steps = [r.steps for r in results if r.success]
+    return Row(str(run_dir), int(cfg.seed), variant, episodes, float(success.mean()),
+               float(np.mean(steps)) if steps else float("nan"), float(times.mean()),
+               float(np.percentile(times, 90)), 1000 * float(times.sum()) / max(calls, 1),
+               float(np.mean([r.final_distance for r in results])))
+
+
+def table(rows: list[Row], variants: list[str]) -> str:
+    lines = ["| planner | success (per seed) | success, mean ± sd | steps | agent s / episode (p90) | ms / plan |",
+             "|---|---|---|---|---|---|"]
+    for variant in variants:
+        group = [r for r in rows if r.variant == variant]
+        if not group:
+            continue
+        rates = [100 * r.success_rate for r in group]
+        spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        lines.append(
+            f"| {variant} | {', '.join(f'{x:.0f}%' for x in rates)} | {statistics.mean(rates):.1f} ± {spread:.1f}% "
+            f"| {np.nanmean([r.steps_mean for r in group]):.1f} "
+            f"| {np.mean([r.agent_s_per_episode for r in group]):.2f} "
+            f"({np.mean([r.agent_s_per_episode_p90 for r in group]):.2f}) "
+            f"| {np.mean([r.plan_ms_per_call for r in group]):.0f} |")
+    return "\n".join(lines)
+
+
+def run(runs: list[str], variants: list[str], episodes: int, out_dir: Path, progress: bool, jobs: int) -> list[Row]:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants {unknown}: expected some of {list(VARIANTS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(run_dir, variant) for run_dir in runs for variant in variants]
+    rows: list[Row] = []
+    if jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(evaluate_variant, r, v, episodes, False) for r, v in tasks]
+            for future in tqdm(futures, desc="goal benchmark", disable=not progress):
+                rows.append(future.result())
+    else:
+        rows = [evaluate_variant(r, v, episodes, progress) for r, v in tqdm(tasks, desc="goal benchmark",
+                                                                             disable=not progress)]
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    text = table(rows, variants)
+    (out_dir / "table.md").write_text(text + "\n")
+    print(f"{episodes} start/goal pairs per run (env seeds {EVAL_SEED}..{EVAL_SEED + episodes - 1}); "
+          f"runs: {', '.join(runs)}\n{text}\nresults: {out_dir / 'results.csv'}")
+    return rows

@@ -1,0 +1,169 @@
+"""Reward-free JEPA from pixels on TwoRooms: encoder shapes, anti-collapse, a world model that beats a frozen random
+encoder, zero-shot planning to a goal image, and the run's checkpoint and TensorBoard figures."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ami.build import build_agent
+from ami.config import PerceptionConfig, load_config
+from ami.envs import make_env
+from ami.goals import run_goal_episode
+from ami.latent_health import effective_rank, encode, linear_probe_error, relative_prediction_error
+from ami.reward_free import RewardFreeTrainer
+from modules.perception import ImagePerception
+
+# A small model on a small dataset: a few minutes of the full preset's work in seconds.
+TINY = ["env=two_rooms", "progress=false", "reward_free.transitions=20000", "reward_free.num_envs=8",
+        "reward_free.probe_frames=1000", "agent.memory.capacity=20000", "agent.perception.latent_dim=16",
+        "agent.perception.conv_channels=8", "agent.perception.hidden_dim=128", "agent.world_model.hidden_dim=128",
+        "agent.world_model.batch_size=16", "agent.world_model.rollout_horizon=4", "agent.actor.compile=false"]
+UNREGULARISED = ["agent.world_model.variance_weight=0", "agent.world_model.covariance_weight=0",
+                 "agent.world_model.inverse_dynamics_weight=0", "agent.world_model.temporal_variance_weight=0",
+                 "agent.world_model.smoothness_weight=0"]
+
+
+def make_trainer(path, *overrides, updates=0):
+    cfg = load_config([*TINY, f"runs_dir={path}", f"reward_free.updates={max(updates, 1)}", *overrides])
+    trainer = RewardFreeTrainer(cfg, path / "run")
+    for _ in range(updates):
+        trainer.update()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.manual_seed(0)
+    return make_trainer(tmp_path_factory.mktemp("reward_free"), updates=600)
+
+
+def test_encoder_shapes_for_images_and_dict_observations():
+    config = PerceptionConfig(latent_dim=16, conv_channels=8, keypoints=4)
+    image = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
+    perception = ImagePerception((64, 64, 3), 4, True, config)
+    assert perception(image, torch.randn(5, 4)).shape == (5, 16)
+    assert perception.target(image[None].expand(2, -1, -1, -1, -1), torch.randn(2, 5, 4)).shape == (2, 5, 16)
+    cfg = load_config(["env=two_rooms", "agent.actor.compile=false"])
+    env = make_env(cfg.env)
+    agent = build_agent(OmegaConf.to_object(cfg.agent), env.observation_space, 2, [], torch.device("cpu"))
+    obs, _ = env.reset(seed=0)
+    percept = agent.perceive({key: np.stack([value, value]) for key, value in obs.items()})
+    assert percept.state.shape == (2, 32) and percept.goal.shape == (2, 32) and percept.observation.shape == (2, 0)
+    assert agent.memory.obs.dtype == torch.uint8 and agent.memory.obs.shape[1:] == (64, 64, 1)
+    with pytest.raises(ValueError, match="conv_layers"):
+        ImagePerception((60, 60, 1), 0, False, config)
+
+
+def test_the_world_model_loss_reaches_the_encoder_through_every_term(trained):
+    agent = trained.agent
+    batch = agent.memory.sample_sequences(4, 3, torch.Generator().manual_seed(0))
+    losses = agent.world_model.loss(agent.perception, batch.obs, batch.actions)
+    agent.perception.zero_grad()
+    agent.world_model.zero_grad()
+    losses.total.backward()
+    first_conv = agent.perception.encoder.early[0][0].weight
+    assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
+    assert agent.world_model.inverse_dynamics_head[0].weight.grad.abs().sum() > 0
+    assert losses.prediction_by_horizon.shape == (3,) and torch.isfinite(losses.total)
+
+
+def test_the_dataset_is_reward_free_contiguous_and_collected_identically_from_the_seed(trained, tmp_path):
+    memory = trained.agent.memory
+    assert len(memory) == 20000 and (memory.reward == 0).all()
+    again = make_trainer(tmp_path)
+    assert torch.equal(again.agent.memory.obs, memory.obs) and torch.equal(again.agent.memory.action, memory.action)
+    # Each record's next image is the following record's image, within an episode.
+    same = (memory.episode[1:] == memory.episode[:-1]) & ~(memory.terminated[:-1] | memory.truncated[:-1])
+    assert same.sum() > 19000
+    assert torch.equal(memory.next_obs[:-1][same], memory.obs[1:][same])
+
+
+def test_regularised_jepa_keeps_its_rank_and_unregularised_collapses(tmp_path):
+    """On the flattened conv features (not the keypoints, whose latent starts near a point), the prediction
+    loss alone shrinks the latent to a point; the anti-collapse terms spread it over many directions."""
+    ranks, spread = {}, {}
+    for name, overrides in [("regularised", []), ("unregularised", UNREGULARISED)]:
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / name, "agent.perception.keypoints_only=false", *overrides)
+        initial = encode(trainer.agent.perception, trainer.probe_frames).std(0).mean()
+        for _ in range(150):
+            trainer.update()
+        latents = encode(trainer.agent.perception, trainer.probe_frames)
+        ranks[name], spread[name] = effective_rank(latents), float(latents.std(0).mean() / initial)
+    assert ranks["regularised"] > 7.0 and spread["regularised"] > 5.0, (ranks, spread)
+    assert ranks["unregularised"] < 5.0 and spread["unregularised"] < 0.25, (ranks, spread)
+
+
+def test_a_short_run_predicts_and_locates_the_dot_better_than_a_frozen_random_encoder(trained, tmp_path):
+    torch.manual_seed(0)
+    baseline = make_trainer(tmp_path)
+    baseline.agent.perception.encoder.requires_grad_(False)  # frozen at its random initialisation
+    baseline.optimiser = torch.optim.Adam(baseline.agent.world_model.parameters(), lr=1e-3)
+    for _ in range(600):
+        baseline.update()
+    scores = {}
+    for name, trainer in [("trained", trained), ("random", baseline)]:
+        report_obs, actions = trainer.probe_sequences
+        agent = trainer.agent
+        with torch.no_grad():
+            latents = encode(agent.perception, report_obs.flatten(0, 1)).view(*report_obs.shape[:2], -1)
+            predicted = agent.world_model.rollout(latents[0], actions)
+        error = relative_prediction_error(predicted[1:], latents[1:], latents[0]).mean()
+        frames = encode(agent.perception, trainer.probe_frames)
+        probe = linear_probe_error(frames[:750], trainer.probe_positions[:750], frames[750:],
+                                   trainer.probe_positions[750:])
+        scores[name] = (float(error), probe)
+    assert scores["trained"][0] < scores["random"][0], scores
+    assert scores["trained"][1] < 0.75 * scores["random"][1], scores
+
+
+def test_planning_reaches_a_goal_near_the_start_in_the_same_room(trained):
+    """Zero-shot: the goal is an image the world model never saw as a goal; the plan energy is the latent
+    distance to it. Each pair is 8 to 11 pixels apart (the success radius is 4.5), in one room."""
+    agent, env = trained.agent, make_env(trained.cfg.env)
+    pairs = [((10.0, 40.0), (18.0, 44.0)), ((50.0, 20.0), (43.0, 13.0)), ((8.0, 10.0), (12.0, 20.0))]
+    episodes = [run_goal_episode(agent, env, seed=k, options={"wall_x": 32.0, "door_y": 52.0, "start": start,
+                                                              "goal": goal})
+                for k, (start, goal) in enumerate(pairs)]
+    assert all(e.success for e in episodes), [(e.success, e.steps, e.final_distance) for e in episodes]
+    assert max(e.steps for e in episodes) <= 40
+
+
+def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path):
+    import subprocess
+    import sys
+
+    tiny = [*TINY, "progress=false", f"runs_dir={tmp_path}", "reward_free.transitions=5000",
+            "agent.memory.capacity=5000", "reward_free.probe_frames=300", "reward_free.log_every=10",
+            "reward_free.picture_every=20", "reward_free.checkpoint_every=10"]
+    ami = [sys.executable, "-m", "ami.cli"]
+    first = subprocess.run([*ami, "train", *tiny, "reward_free.updates=20"], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "no reward stored or used" in first.stdout and "parameters: perception" in first.stdout
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    resumed = subprocess.run([*ami, "train", "--resume", str(run_dir), "reward_free.updates=30", "progress=false"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at update 20" in resumed.stdout and "done: 30 updates" in resumed.stdout
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("world_model/effective_rank", "world_model/probe_rmse", "world_model/relative_error/h1",
+                "world_model/inverse_dynamics_loss", "world_model/temporal_variance_loss",
+                "world_model/latent_std_min"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("world_model/effective_rank")] == [10, 20, 30]
+    assert "world_model/real_vs_imagined" in events.Tags()["images"]
+    assert "world_model/latent_std" in events.Tags()["histograms"]
+    bench = subprocess.run([*ami, "bench", "goals", "--runs", str(run_dir), "--episodes", "1", "--variants",
+                            "gradient", "mppi", "--out", str(tmp_path / "bench"), "--no-progress"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    assert "| gradient |" in bench.stdout and "| mppi |" in bench.stdout
+    assert len((tmp_path / "bench" / "results.csv").read_text().splitlines()) == 3
+    bad = subprocess.run([*ami, "bench", "goals", "--runs", str(run_dir), "--variants", "cem"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2 and "cem" in bad.stderr
