@@ -8,6 +8,7 @@ head (the action from two consecutive states) and a temporal-smoothness term whe
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,9 @@ class WorldModel(nn.Module):
         self.action_dim = action_dim
         self.observation_names = list(observation_names)
         self.predictor = mlp(latent_dim + action_dim, config.hidden_dim, latent_dim)
-        self.readout_head = mlp(latent_dim, config.hidden_dim, len(self.observation_names))
+        with warnings.catch_warnings():  # an image observation names no quantities: an empty head, on purpose
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+            self.readout_head = mlp(latent_dim, config.hidden_dim, len(self.observation_names))
         self.inverse_dynamics_head = mlp(2 * latent_dim, config.hidden_dim, action_dim, layers=1)
 
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

@@ -265,3 +265,47 @@ def test_anchored_readout_prices_the_first_step_on_the_true_observation(make_age
         exact = (agent.cost.intrinsic.analytic_terms(obs, actions[0]) * analytic).sum(-1)
     torch.testing.assert_close(energies[True], exact)
     assert not torch.allclose(energies[False], exact, atol=1e-3)
+
+
+def test_replan_every_follows_the_plan_then_replans(make_agent):
+    agent, cfg = make_agent("agent.actor.replan_every=3")
+    actor, g = agent.actor, torch.Generator().manual_seed(0)
+    percept = Percept(agent.perception(torch.randn(2, 3, generator=g)).detach())
+    weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
+    task = Task(agent.configurator.weights, cfg.actor.horizon, 2, "mode2")
+    plans = [actor.act(percept, task, weights, g) for _ in range(4)]
+    assert plans[0].plan_time_s > 0 and plans[1].plan_time_s == 0 and plans[2].plan_time_s == 0
+    assert plans[3].plan_time_s > 0  # the fourth step plans again
+    torch.testing.assert_close(plans[1].actions[0], plans[0].actions[1])
+    torch.testing.assert_close(plans[2].actions[0], plans[0].actions[2])
+    # A new episode replans at once.
+    actor.reset()
+    assert actor.act(percept, task, weights, g).plan_time_s > 0
+
+
+def test_goal_term_prices_distance_to_the_latent_goal_and_its_gradient_reaches_the_actions(make_agent):
+    agent, cfg = make_agent("agent.cost.goal.weight=1.0", "agent.cost.goal.final_weight=5.0",
+                            "agent.cost.discount=1.0", "agent.cost.value_weight=0.0")
+    weights = torch.zeros(len(agent.cost.intrinsic.term_names))  # the goal term alone
+    g = torch.Generator().manual_seed(0)
+    state = agent.perception(torch.randn(3, 3, generator=g)).detach()
+    actions = (torch.rand(cfg.actor.horizon, 3, 1, generator=g) * 2 - 1).requires_grad_(True)
+    _, states = agent.actor.energy.bind(weights)(state, actions)
+    goal = states[-1].detach()  # the goal is where these very actions lead
+    energy, _ = agent.actor.energy.bind(weights, goal=goal)(state, actions)
+    distance = (states[1:] - goal).pow(2).sum(-1).add(1e-8).sqrt()
+    torch.testing.assert_close(energy, distance.sum(0) + 5.0 * distance[-1])
+    energy.sum().backward()
+    assert (actions.grad.abs().sum(-1) > 0).any()
+    other = agent.actor.energy.bind(weights, goal=goal + 1.0)(state, actions.detach())[0]
+    assert (other > energy.detach()).all()
+
+
+def test_two_segment_fresh_candidates_hold_two_levels():
+    config = ActorConfig(candidates=8, fresh_fraction=0.5, fresh_segments=2, init_std=0.0)
+    candidates = GradientPlanner(config).initial_candidates(3, 12, 2, torch.device("cpu"), None, None,
+                                                            torch.Generator().manual_seed(0))
+    fresh = candidates[:, :, 4:]  # (H, B, 4, A)
+    changes = (fresh[1:] != fresh[:-1]).any(-1).sum(0)  # level changes per candidate
+    assert (changes <= 1).all() and (changes == 1).any()
+    assert (fresh.abs() <= 1).all()
