@@ -144,17 +144,18 @@ def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path)
 
     tiny = [*TINY, "progress=false", f"runs_dir={tmp_path}", "reward_free.transitions=5000",
             "agent.memory.capacity=5000", "reward_free.probe_frames=300", "reward_free.log_every=10",
-            "reward_free.picture_every=20", "reward_free.checkpoint_every=10"]
+            "reward_free.picture_every=20", "reward_free.checkpoint_every=10", "reward_free.predictor_updates=0"]
     ami = [sys.executable, "-m", "ami.cli"]
     first = subprocess.run([*ami, "train", *tiny, "reward_free.updates=20"], capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "no reward stored or used" in first.stdout and "parameters: perception" in first.stdout
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    resumed = subprocess.run([*ami, "train", "--resume", str(run_dir), "reward_free.updates=30", "progress=false"],
+    resumed = subprocess.run([*ami, "train", "--resume", str(run_dir), "reward_free.updates=30",
+                              "reward_free.predictor_updates=5", "progress=false"],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at update 20" in resumed.stdout and "done: 30 updates" in resumed.stdout
+    assert "resuming at update 20" in resumed.stdout and "done: 35 updates" in resumed.stdout
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
@@ -162,7 +163,7 @@ def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path)
                 "world_model/inverse_dynamics_loss", "world_model/temporal_variance_loss",
                 "world_model/latent_std_min"):
         assert tag in scalars, tag
-    assert [e.step for e in events.Scalars("world_model/effective_rank")] == [10, 20, 30]
+    assert [e.step for e in events.Scalars("world_model/effective_rank")] == [10, 20, 30, 35]
     assert "world_model/real_vs_imagined" in events.Tags()["images"]
     assert "world_model/latent_std" in events.Tags()["histograms"]
     bench = subprocess.run([*ami, "bench", "goals", "--runs", str(run_dir), "--episodes", "1", "--variants",
