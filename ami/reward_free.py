@@ -23,6 +23,7 @@ from ami.build import build_agent, parameter_counts, resolve_device
 from ami.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ami.config import ConfigError
 from ami.envs import UnsupportedEnvError, make_env, observation_names
+from ami.goals import batched
 from ami.latent_health import encode, health_report, nearest_frames, side_by_side
 from ami.logger import Logger
 from ami.messages import Record
@@ -223,8 +224,7 @@ class RewardFreeTrainer:
         agent, env = self.agent, self.env
         obs, _ = env.reset(seed=seed)
         agent.actor.reset()
-        batch = {k: v[None] for k, v in obs.items()} if isinstance(obs, dict) else obs[None]
-        _, _, _, plan, _ = agent.act(batch)
+        _, _, _, plan, _ = agent.act(batched(obs))
         agent.actor.reset()
         real = [_image(obs)]
         for action in plan.actions[:, 0].cpu().numpy():

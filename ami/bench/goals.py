@@ -8,9 +8,7 @@ gradient planner's parts. Figures: success rate, steps to the goal, agent time p
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ami.bench.parallel import run_jobs
 from ami.goals import batched, load_goal_agent, run_goal_episode
 
 EVAL_SEED = 1_000_000  # start/goal pairs come from env seeds EVAL_SEED + i: never the training data's
@@ -94,16 +93,9 @@ def run(runs: list[str], variants: list[str], episodes: int, out_dir: Path, prog
         raise ValueError(f"--variants {unknown}: expected some of {list(VARIANTS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(run_dir, variant) for run_dir in runs for variant in variants]
-    rows: list[Row] = []
-    if jobs > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = [pool.submit(evaluate_variant, r, v, episodes, False) for r, v in tasks]
-            for future in tqdm(futures, desc="goal benchmark", disable=not progress):
-                rows.append(future.result())
-    else:
-        rows = [evaluate_variant(r, v, episodes, progress) for r, v in tqdm(tasks, desc="goal benchmark",
-                                                                             disable=not progress)]
+    # Inner progress bars only when the jobs run here, one at a time.
+    rows = run_jobs(evaluate_variant, [(r, v, episodes, progress and jobs <= 1) for r, v in tasks], jobs,
+                    "goal benchmark", progress)
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()

@@ -5,18 +5,16 @@ episodes and shield interventions, over the whole training run and over evaluati
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
+from ami.bench.parallel import run_jobs
 from ami.config import load_config, without_guardrails
 from ami.envs import make_env
 from ami.evaluate import EvalResult, evaluate, run_episodes
@@ -180,16 +178,8 @@ def run(env: str, steps: int, seeds: list[int], episodes: int, overrides: list[s
         raise SystemExit(f"ami bench safety: env={env} declares no guardrail terms; nothing to compare")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = [(method, configs[seed]) for seed in seeds for method in METHODS]
-    results: list[tuple[str, int, Outcome]] = []
-    if jobs > 1:
-        # Separate processes, one CPU thread each: the runs are independent and the same as in one.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = [pool.submit(run_job, method, cfg, out_dir, episodes) for method, cfg in work]
-            for future in tqdm(futures, desc="runs", disable=not progress):
-                results.append(future.result())
-    else:
-        results = [run_job(method, cfg, out_dir, episodes) for method, cfg in work]
+    results = run_jobs(run_job, [(method, cfg, out_dir, episodes) for method, cfg in work], jobs, "runs",
+                       progress and jobs > 1)
     rows = [row for _, _, outcome in results for row in outcome.rows]
     curves = {(method, seed): outcome.cost_curve for method, seed, outcome in results}
     with (out_dir / "results.csv").open("w", newline="") as f:
