@@ -10,7 +10,7 @@ from ami.agent import Agent
 from ami.config import AgentConfig
 from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
-from modules.cost import Cost, IntrinsicCost, TrainableCritic
+from modules.cost import Cost, GoalCritic, IntrinsicCost, TrainableCritic
 from modules.memory import ShortTermMemory
 from modules.perception import ImagePerception, Perception
 from modules.shield import Shield
@@ -53,7 +53,9 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
     world_model = WorldModel(latent_dim, action_dim, observation_names, config.world_model).to(device)
     intrinsic = IntrinsicCost(config.cost.terms, observation_names)
     critic = TrainableCritic(latent_dim, action_dim, config.cost).to(device)
-    cost = Cost(intrinsic, critic)
+    has_goal = isinstance(observation, gym.spaces.Dict) and "goal" in observation.spaces
+    goal_critic = GoalCritic(latent_dim, config.cost.goal).to(device) if has_goal else None
+    cost = Cost(intrinsic, critic, goal_critic)
     if isinstance(perception, ImagePerception):  # memory keeps the image, as uint8
         memory = ShortTermMemory(perception.image_shape, action_dim, latent_dim, len(intrinsic.term_names),
                                  config.memory, torch.uint8)
@@ -64,7 +66,7 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
     shield = Shield(config.shield, intrinsic, world_model, observation_names, action_dim)
     guide = shield.planning_cost if shield.active and shield.ego is not None and config.shield.guide_planner else None
     energy = PlanEnergy(world_model, intrinsic, critic, config.cost.discount, config.cost.value_weight, guide,
-                        config.cost.goal)
+                        config.cost.goal, goal_critic)
     if config.actor.compile:
         energy.compile()
     actor = Actor(policy, energy, action_dim, config.actor)
@@ -77,4 +79,6 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
 def parameter_counts(agent: Agent) -> dict[str, int]:
     modules = {"perception": agent.perception.encoder, "world_model": agent.world_model,
                "critic": agent.cost.critic, "policy": agent.actor.policy}
+    if agent.cost.goal_critic is not None:
+        modules["goal_critic"] = agent.cost.goal_critic
     return {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}

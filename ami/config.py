@@ -98,11 +98,21 @@ class CostTermConfig:
 class GoalConfig:
     """The intrinsic cost's goal term, on when the observation carries a goal: the configurator encodes the
     goal observation, and every imagined state pays weight * distance(s_t, goal), the plan's last
-    state final_weight * distance more. metric: "l2" or "squared" (modules.cost.latent_goal_distance)."""
+    state final_weight * distance more. metric: "l2" or "squared" (modules.cost.latent_goal_distance), or
+    "critic": the goal critic's steps to the goal (modules.cost.GoalCritic, trained by the reward-free run)."""
 
     weight: float = 1.0
     final_weight: float = 10.0
     metric: str = "l2"
+    # The goal critic's steps from the plan's last state, added at this weight whatever the metric: the
+    # distance still to go beyond the horizon.
+    critic_final_weight: float = 0.0
+    # The goal critic (built when the observation carries a goal): steps(s, g) = log reach / log discount.
+    critic_hidden_dim: int = 256
+    critic_discount: float = 0.99
+    critic_expectile: float = 0.9  # above 0.5: the best the data's moves reach, not the random walk's average
+    critic_lr: float = 3e-4
+    critic_tau: float = 0.005
 
 
 @dataclass
@@ -137,6 +147,9 @@ class ActorConfig:
     init_std: float = 0.5  # spread of candidates around the warm start
     fresh_fraction: float = 0.125  # share of candidates started at a random constant action instead
     fresh_segments: int = 1  # constant pieces in a fresh candidate, each starting at a random step
+    # When above the fresh candidates' count, that many fresh sequences are priced (forward only) and
+    # the best become the fresh candidates: sampling finds the basin, gradient steps descend it.
+    screen_samples: int = 0
     exploration_std: float = 0.1  # Gaussian noise on executed actions while training
     # Env steps each plan is followed before the next planning call (model-predictive control with
     # a receding horizon); 1 replans every step.
@@ -228,6 +241,10 @@ class RewardFreeConfig:
     predictor_updates: int = 0
     predictor_batch_size: int = 256
     predictor_horizon: int = 16
+    # Then the goal critic on the same frozen latents (observations with a goal only): which frames of an
+    # episode reach which, in how many steps.
+    critic_updates: int = 0
+    critic_batch_size: int = 1024
     log_every: int = 250  # updates between scalar logs (latent health, probe)
     picture_every: int = 1000  # updates between planned-trajectory pictures
     checkpoint_every: int = 500
@@ -331,7 +348,13 @@ def validate(cfg: DictConfig) -> None:
     a = cfg.agent
     _choice("agent.perception.target", a.perception.target, ("ema", "stopgrad"))
     _choice("agent.actor.planner", a.actor.planner, ("gradient", "mppi"))
-    _choice("agent.cost.goal.metric", a.cost.goal.metric, ("l2", "squared"))
+    _choice("agent.cost.goal.metric", a.cost.goal.metric, ("l2", "squared", "critic"))
+    if not 0 < a.cost.goal.critic_discount < 1:
+        raise ConfigError(f"agent.cost.goal.critic_discount={a.cost.goal.critic_discount!r}: expected a number "
+                          "in (0, 1)")
+    if not 0 < a.cost.goal.critic_expectile < 1:
+        raise ConfigError(f"agent.cost.goal.critic_expectile={a.cost.goal.critic_expectile!r}: expected a "
+                          "number in (0, 1)")
     _choice("agent.configurator.mode", a.configurator.mode, ("mode1", "mode2", "auto"))
     _choice("agent.shield.fallback", a.shield.fallback, ("zero", "brake"))
     _choice("agent.shield.ego.kind", a.shield.ego.kind, ("none", "point_mass"))
@@ -340,6 +363,12 @@ def validate(cfg: DictConfig) -> None:
                           "set agent.shield.ego.kind (e.g. point_mass) or use fallback=zero")
     if a.shield.tolerance < 0:
         raise ConfigError(f"agent.shield.tolerance={a.shield.tolerance!r}: expected a number >= 0")
+    for key in ("reward_free.predictor_updates", "reward_free.critic_updates"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected an int >= 0 (0 skips the phase)")
+    if a.actor.screen_samples < 0:
+        raise ConfigError(f"agent.actor.screen_samples={a.actor.screen_samples!r}: expected an int >= 0 "
+                          "(0 turns screening off)")
     for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
                 "agent.actor.candidates", "agent.world_model.batch_size",
                 "agent.world_model.rollout_horizon", "agent.memory.capacity",
@@ -347,6 +376,7 @@ def validate(cfg: DictConfig) -> None:
                 "agent.actor.replan_every", "agent.actor.fresh_segments",
                 "reward_free.transitions", "reward_free.num_envs", "reward_free.updates",
                 "reward_free.predictor_batch_size", "reward_free.predictor_horizon",
+                "reward_free.critic_batch_size",
                 "reward_free.log_every", "reward_free.picture_every", "reward_free.checkpoint_every",
                 "reward_free.probe_frames", "reward_free.action_hold", "env.image_size", "env.frame_stack"):
         _positive(key, OmegaConf.select(cfg, key))

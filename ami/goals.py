@@ -84,5 +84,7 @@ def load_goal_agent(run_dir: str | Path, overrides: list[str] | None = None) -> 
     state = load_checkpoint(latest_checkpoint(run_dir), device)
     agent.perception.load_state_dict(state["perception"])
     agent.world_model.load_state_dict(state["world_model"])
+    if agent.cost.goal_critic is not None and "goal_critic" in state:
+        agent.cost.goal_critic.load_state_dict(state["goal_critic"])
     agent.world_model_trained = True
     return agent, cfg, env

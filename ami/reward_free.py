@@ -9,6 +9,7 @@ collected again, identically, from the seed on resume.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -31,6 +32,32 @@ from ami.messages import Record
 
 def _image(obs: dict | np.ndarray) -> np.ndarray:
     return obs["image"] if isinstance(obs, dict) else obs
+
+
+def episode_bounds(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids: (N,) episode id per stored index, episodes contiguous -> (first, last): (N,) each, the first and
+    last index of each index's episode, and the indices whose next frame is in the same episode."""
+    new_episode = torch.ones_like(ids, dtype=torch.bool)
+    new_episode[1:] = ids[1:] != ids[:-1]
+    starts = new_episode.nonzero().squeeze(1)
+    lengths = torch.diff(starts, append=torch.tensor([len(ids)]))
+    first = starts.repeat_interleave(lengths)
+    last = first + lengths.repeat_interleave(lengths) - 1
+    return first, last, (torch.arange(len(ids)) < last).nonzero().squeeze(1)
+
+
+def hindsight_goals(index: torch.Tensor, first: torch.Tensor, last: torch.Tensor, discount: float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """A goal for each transition index: (B,) -> (B,) stored indices, from the transition's own episode (the
+    only frames that share its walls), [first, last] per index: itself (a fifth of them: reached), a frame a
+    geometric(1 - discount) number of steps on (half), or any frame of the episode (the rest: the dot can
+    walk back)."""
+    batch = index.shape[0]
+    kind = torch.rand(batch, generator=generator)
+    ahead = torch.ceil(torch.log(torch.rand(batch, generator=generator).clamp_min(1e-12)) / math.log(discount))
+    future = torch.minimum(index + ahead.long().clamp_min(1), last[index])
+    anywhere = first[index] + (torch.rand(batch, generator=generator) * (last[index] - first[index] + 1)).long()
+    return torch.where(kind < 0.2, index, torch.where(kind < 0.7, future, anywhere))
 
 
 class RewardFreeTrainer:
@@ -65,7 +92,14 @@ class RewardFreeTrainer:
             lr=cfg.agent.world_model.lr)
         self.predictor_optimiser = torch.optim.Adam(self.agent.world_model.predictor.parameters(),
                                                     lr=cfg.agent.world_model.lr)
-        self.latents: torch.Tensor | None = None  # (capacity, D): the frozen encoder's, in the predictor phase
+        self.goal_critic = self.agent.cost.goal_critic
+        if rf.critic_updates and self.goal_critic is None:
+            raise ConfigError(f"reward_free.critic_updates={rf.critic_updates}: the goal critic needs observations "
+                              f"with a goal, and env.id={cfg.env.id!r} has none; set reward_free.critic_updates=0")
+        self.critic_optimiser = None if self.goal_critic is None else torch.optim.Adam(
+            self.goal_critic.net.parameters(), lr=cfg.agent.cost.goal.critic_lr)
+        self.latents: torch.Tensor | None = None  # (capacity, D): the frozen encoder's, after the joint phase
+        self.bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.positions = torch.full((self.agent.memory.capacity, 2), float("nan"))
         self.updates = 0
@@ -73,9 +107,9 @@ class RewardFreeTrainer:
         self._fix_probe_set()
         if resume:
             self.load(latest_checkpoint(self.run_dir))
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # On resume too: overrides given there (more updates, a critic phase) are part of the run now.
+        OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
         self.logger = Logger(self.run_dir, purge_step=self.updates + 1 if resume else None)
         if not resume:
             self.logger.hparams({key: OmegaConf.select(cfg, key) for key in (
@@ -205,6 +239,26 @@ class RewardFreeTrainer:
         return {"world_model/prediction_loss": loss.item(), "world_model/prediction_loss_by_horizon": by_horizon,
                 "world_model/grad_norm": grad_norm}
 
+    def update_goal_critic(self) -> dict:
+        """One goal-critic update on the frozen latents, each transition s_t -> s_t+1 with a hindsight goal."""
+        if self.latents is None:
+            self.latents = self.encode_dataset()
+        if self.bounds is None:
+            self.bounds = episode_bounds(self.agent.memory.episode[: len(self.agent.memory)])
+        first, last, transitions = self.bounds
+        index = transitions[torch.randint(len(transitions), (self.cfg.reward_free.critic_batch_size,),
+                                          generator=self.generator)]
+        goal = hindsight_goals(index, first, last, self.cfg.agent.cost.goal.critic_discount, self.generator)
+        states, next_states, goals = (self.latents[i].to(self.device) for i in (index, index + 1, goal))
+        loss, stats = self.goal_critic.loss(states, next_states, goals, (goal == index).to(self.device))
+        self.critic_optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_optimiser.step()
+        self.goal_critic.update_target()
+        self.goal_critic.trained.fill_(True)
+        self.updates += 1
+        return {f"cost/critic/{key}": value for key, value in stats.items()}
+
     def log_health(self) -> dict[str, float]:
         agent = self.agent
         report = health_report(agent.perception, agent.world_model, self.probe_frames, self.probe_positions,
@@ -240,21 +294,26 @@ class RewardFreeTrainer:
 
     def train(self) -> dict[str, float]:
         rf = self.cfg.reward_free
-        total = rf.updates + rf.predictor_updates
+        total = rf.updates + rf.predictor_updates + rf.critic_updates
         bar = tqdm(total=total, initial=self.updates, desc=f"{self.cfg.env.name} world model s{self.cfg.seed}",
                    unit="update", disable=not self.cfg.progress)
         start, start_updates, health = time.perf_counter(), self.updates, {}
         try:
             while self.updates < total:
-                stats = self.update() if self.updates < rf.updates else self.update_predictor()
+                if self.updates < rf.updates:
+                    stats = self.update()
+                elif self.updates < rf.updates + rf.predictor_updates:
+                    stats = self.update_predictor()
+                else:
+                    stats = self.update_goal_critic()
                 bar.update(1)
                 if self.updates % rf.log_every == 0 or self.updates == total:
                     self.logger.scalars(stats, self.updates)
                     rate = (self.updates - start_updates) / (time.perf_counter() - start)
                     self.logger.scalar("charts/updates_per_s", rate, self.updates)
                     health = self.log_health()
-                    bar.set_postfix(prediction=f"{stats['world_model/prediction_loss']:.3f}",
-                                    **{k: f"{v:.2f}" for k, v in health.items()})
+                    loss = next(f"{v:.3f}" for k, v in stats.items() if k.endswith("_loss"))
+                    bar.set_postfix(loss=loss, **{k: f"{v:.2f}" for k, v in health.items()})
                 if self.updates % rf.picture_every == 0 or self.updates == total:
                     self.log_picture()
                 if self.updates % rf.checkpoint_every == 0:
@@ -276,6 +335,8 @@ class RewardFreeTrainer:
                 "perception": self.agent.perception.state_dict(), "world_model": self.agent.world_model.state_dict(),
                 "optimiser": self.optimiser.state_dict(), "predictor_optimiser": self.predictor_optimiser.state_dict(),
                 "updates": self.updates,
+                **({} if self.goal_critic is None else {"goal_critic": self.goal_critic.state_dict(),
+                                                        "critic_optimiser": self.critic_optimiser.state_dict()}),
                 "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}}
 
     def save(self) -> Path:
@@ -288,6 +349,9 @@ class RewardFreeTrainer:
         self.optimiser.load_state_dict(state["optimiser"])
         if "predictor_optimiser" in state:
             self.predictor_optimiser.load_state_dict(state["predictor_optimiser"])
+        if self.goal_critic is not None and "goal_critic" in state:
+            self.goal_critic.load_state_dict(state["goal_critic"])
+            self.critic_optimiser.load_state_dict(state["critic_optimiser"])
         self.updates = int(state["updates"])
         self.generator.set_state(state["rng"]["generator"].cpu())
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -297,8 +361,9 @@ class RewardFreeTrainer:
 def describe(trainer: RewardFreeTrainer) -> str:
     counts = parameter_counts(trainer.agent)
     rf = trainer.cfg.reward_free
+    critic = f", goal critic {counts['goal_critic']:,}" if "goal_critic" in counts else ""
     return (f"reward-free: {len(trainer.agent.memory):,} random-action transitions in {trainer.episodes} episodes, "
-            f"{rf.updates} joint updates, then {rf.predictor_updates} of the predictor alone (no reward stored or "
-            "used)\n"
-            f"parameters: perception {counts['perception']:,}, world model {counts['world_model']:,}; "
+            f"{rf.updates} joint updates, then {rf.predictor_updates} of the predictor alone and {rf.critic_updates} "
+            "of the goal critic (no reward stored or used)\n"
+            f"parameters: perception {counts['perception']:,}, world model {counts['world_model']:,}{critic}; "
             f"device: {trainer.device}")

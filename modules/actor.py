@@ -1,4 +1,4 @@
-"""Actor: Mode-2 planning by gradient descent on the plan energy, Mode-1 policy, and MPPI.
+"""Actor: the plan energy, the Mode-1 policy, and the actor that plans with modules.planners.
 
 Every planner takes an energy function, energy_fn(state (B, D), actions (H, B, A)) ->
 (energy (B,), states (H + 1, B, D)), so the same planner runs on a learned world model or on a
@@ -15,28 +15,31 @@ from torch import nn
 
 from ami.config import ActorConfig, GoalConfig
 from ami.messages import Percept, Plan, Task
-from modules.cost import IntrinsicCost, TrainableCritic, discount_weights, latent_goal_distance
+from modules.cost import GoalCritic, IntrinsicCost, TrainableCritic, discount_weights, latent_goal_distance
 from modules.perception import mlp
+from modules.planners import GradientPlanner, MPPIPlanner, autograd_energy_and_grad, shift_plan
 from modules.world_model import WorldModel
-
-EnergyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class PlanEnergy:
     """Energy of action sequences through the world model, the intrinsic cost and the critic.
 
     E = sum_t gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)] + w_v gamma^H TC_value(s_H)
-        + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g)
+        + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g) + w_c steps(s_H, g)
+
+    d is a latent distance or the goal critic's steps (GoalConfig.metric); w_c the critic_final_weight.
     """
 
     def __init__(self, world_model: WorldModel, intrinsic_cost: IntrinsicCost,
                  critic: TrainableCritic, discount: float, value_weight: float,
                  first_action_cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 goal: GoalConfig | None = None) -> None:
+                 goal: GoalConfig | None = None, goal_critic: GoalCritic | None = None) -> None:
         """first_action_cost: (observation (B, Q), first actions (B, A)) -> (B,), a known cost of
         the first step added to the energy (the shield's ego-model guardrail cost). goal: the goal
-        term's weights and metric, used when a plan is bound to a latent goal."""
+        term's weights and metric, used when a plan is bound to a latent goal; goal_critic: the
+        trained GoalCritic that metric "critic" and critic_final_weight use."""
         self.goal_config = goal or GoalConfig()
+        self.goal_critic = goal_critic
         self.world_model = world_model
         self.intrinsic_cost = intrinsic_cost
         self.critic = critic
@@ -65,10 +68,18 @@ class PlanEnergy:
         if self.first_action_cost is not None:
             energy = energy + self.first_action_cost(observation, actions[0])
         if goal is not None:
-            distance = latent_goal_distance(states[1:], goal, self.goal_config.metric)  # (H, B)
+            distance = self.goal_distance(states[1:], goal)  # (H, B)
             energy = energy + self.goal_config.weight * (gammas[1:, None] * distance).sum(0) \
                 + self.goal_config.final_weight * distance[-1]
+            if self.goal_config.critic_final_weight:
+                energy = energy + self.goal_config.critic_final_weight * self.goal_critic.steps(states[-1], goal)
         return energy, states
+
+    def goal_distance(self, states: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """states: (..., B, D), goal: (B, D) -> (..., B) by the goal term's metric."""
+        if self.goal_config.metric == "critic":
+            return self.goal_critic.steps(states, goal)
+        return latent_goal_distance(states, goal, self.goal_config.metric)
 
     def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
                 use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
@@ -82,7 +93,7 @@ class PlanEnergy:
         """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
         the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
-            return _autograd_energy_and_grad(
+            return autograd_energy_and_grad(
                 lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation, goal),
                 state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
@@ -114,6 +125,11 @@ class PlanEnergy:
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
         if self.first_action_cost is not None and observation is None:
             raise ValueError("this plan energy prices the first action on the observation; bind it with one")
+        uses_critic = self.goal_config.metric == "critic" or self.goal_config.critic_final_weight != 0
+        if goal is not None and uses_critic and (self.goal_critic is None or not bool(self.goal_critic.trained)):
+            raise ValueError("agent.cost.goal.metric='critic' and critic_final_weight need a trained goal critic: "
+                             "train one with reward_free.critic_updates > 0, or use metric l2 with "
+                             "critic_final_weight 0")
         return BoundEnergy(self, analytic, use_step_head, readout_offset, observation, goal)
 
 
@@ -148,182 +164,6 @@ class BoundEnergy:
     def value_and_grad(self, state: torch.Tensor,
                        actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.energy.value_and_grad(state, actions, *self._context(state))
-
-
-def energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
-                    actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """state: (B, D), actions: (H, B, A) -> (energy (B,), d energy / d actions (H, B, A),
-    states (H+1, B, D)).
-
-    Uses the energy's own value_and_grad when it has one (PlanEnergy's, compiled or not), autograd
-    otherwise (a hand-written energy such as the true-dynamics oracle).
-    """
-    own = getattr(energy_fn, "value_and_grad", None)
-    if own is not None:
-        return own(state, actions)
-    return _autograd_energy_and_grad(energy_fn, state, actions)
-
-
-def _autograd_energy_and_grad(energy_fn: EnergyFn, state: torch.Tensor,
-                              actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    actions = actions.detach().requires_grad_(True)
-    with torch.enable_grad():
-        energy, states = energy_fn(state, actions)
-        (grad,) = torch.autograd.grad(energy.sum(), actions)
-    return energy.detach(), grad, states.detach()
-
-
-def _pick_best(candidates: torch.Tensor, energy: torch.Tensor, states: torch.Tensor,
-               batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """candidates: (H, B*N, A), energy: (B*N,) finite or +inf (as _Best keeps it), states: (H+1, B*N, D)
-    -> best per env."""
-    per_env = energy.view(batch, -1)
-    best = per_env.argmin(1) + torch.arange(batch, device=energy.device) * per_env.shape[1]
-    return candidates[:, best], energy[best], states[:, best]
-
-
-class _Best:
-    """Each candidate's best sequence over the iterations: Adam's normalised steps move every action
-    by about lr whatever its gradient, which on a sensitive system (a pole one push from falling)
-    can make a good sequence worse. The planner never returns worse than it has already evaluated."""
-
-    def __init__(self, actions: torch.Tensor) -> None:
-        self.actions = actions  # (H, M, A)
-        self.energy: torch.Tensor | None = None  # (M,)
-        self.states: torch.Tensor | None = None  # (H + 1, M, D)
-        self.first_energy: torch.Tensor | None = None
-
-    def offer(self, actions: torch.Tensor, energy: torch.Tensor, states: torch.Tensor) -> None:
-        # A non-finite energy (a diverged imagined state) must never win.
-        energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
-        if self.energy is None:
-            self.actions, self.energy, self.states, self.first_energy = actions, energy, states, energy
-            return
-        better = energy < self.energy
-        self.energy = torch.where(better, energy, self.energy)
-        self.actions = torch.where(better[None, :, None], actions, self.actions)
-        self.states = torch.where(better[None, :, None], states, self.states)
-
-
-class GradientPlanner:
-    """Mode-2: N action sequences per environment optimised jointly with Adam through energy_fn.
-
-    Candidate 0 is the warm start (previous plan shifted by one step), candidate 1 the Mode-1
-    proposal when given; the rest are the warm start plus Gaussian noise, and a share
-    (fresh_fraction) random constant actions plus noise. Projection onto [-1, 1]
-    after each step keeps actions in bounds without the vanishing gradients of a squashing function.
-    """
-
-    def __init__(self, config: ActorConfig) -> None:
-        self.config = config
-
-    def initial_candidates(self, batch: int, horizon: int, action_dim: int, device: torch.device,
-                           warm_start: torch.Tensor | None, proposal: torch.Tensor | None,
-                           generator: torch.Generator | None) -> torch.Tensor:
-        """-> (H, B, N, A)."""
-        cfg, n = self.config, self.config.candidates
-        base = torch.zeros(horizon, batch, 1, action_dim, device=device) if warm_start is None \
-            else warm_start[:, :, None]
-        noise = torch.randn(horizon, batch, n, action_dim, generator=generator).to(device)
-        candidates = (base + cfg.init_std * noise).clamp(-1.0, 1.0)
-        # Fresh candidates hold a random level over the whole horizon: a local optimiser started only
-        # near the warm start can stall where every small change looks bad (a pendulum at rest). With
-        # fresh_segments > 1 the level changes at random steps: a detour (to a door, then to the goal)
-        # that no single straight move and no small change of one can find.
-        fresh = int(cfg.fresh_fraction * n)
-        if fresh:
-            levels = torch.rand(cfg.fresh_segments, batch, fresh, action_dim, generator=generator) * 2 - 1
-            switches = torch.rand(cfg.fresh_segments - 1, 1, batch, fresh, generator=generator) * horizon
-            steps = torch.arange(horizon, dtype=torch.float32)[None, :, None, None]
-            segment = (steps >= switches).sum(0)  # (H, B, fresh): which level holds at each step
-            level = levels.gather(0, segment[..., None].expand(-1, -1, -1, action_dim)).to(device)
-            candidates[:, :, n - fresh:] = (level + cfg.init_std * noise[:, :, n - fresh:]).clamp(-1.0, 1.0)
-        candidates[:, :, 0] = base[:, :, 0]
-        if proposal is not None and n > 1:
-            candidates[:, :, 1] = proposal
-        return candidates
-
-    def plan(self, state: torch.Tensor, energy_fn: EnergyFn, horizon: int, iterations: int,
-             action_dim: int, warm_start: torch.Tensor | None = None,
-             proposal: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Plan:
-        """state: (B, D); warm_start, proposal: (H, B, A) -> Plan."""
-        start = time.perf_counter()
-        batch, n = state.shape[0], self.config.candidates
-        init = self.initial_candidates(batch, horizon, action_dim, state.device, warm_start,
-                                       proposal, generator)
-        actions = init.flatten(1, 2)  # (H, B*N, A)
-        states_in = state.detach().repeat_interleave(n, dim=0)  # (B*N, D)
-        # Adam written out: torch.optim.Adam's per-step bookkeeping costs more than this whole update
-        # on a tensor this small, and planning runs every env step.
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        first, second = torch.zeros_like(actions), torch.zeros_like(actions)
-        kept = _Best(actions)
-        for k in range(1, iterations + 1):
-            energy, grad, states = energy_and_grad(energy_fn, states_in, actions)
-            kept.offer(actions, energy, states)
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            first = beta1 * first + (1 - beta1) * grad
-            second = beta2 * second + (1 - beta2) * grad.square()
-            step = (first / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
-            actions = (actions - self.config.lr * step).clamp(-1.0, 1.0)
-        with torch.no_grad():
-            energy, states = energy_fn(states_in, actions)
-        kept.offer(actions, energy, states)
-        energy_before = kept.first_energy.view(batch, n).min(1).values
-        best_actions, best_energy, best_states = _pick_best(kept.actions, kept.energy, kept.states, batch)
-        return Plan(best_actions, energy_before, best_energy, best_states,
-                    kept.actions.view(horizon, batch, n, action_dim), kept.energy.view(batch, n),
-                    time.perf_counter() - start, "mode2")
-
-
-class MPPIPlanner:
-    """Sampling-based planner (MPPI): the same interface as GradientPlanner, for comparison."""
-
-    def __init__(self, config: ActorConfig) -> None:
-        self.config = config
-
-    @torch.no_grad()
-    def plan(self, state: torch.Tensor, energy_fn: EnergyFn, horizon: int, iterations: int,
-             action_dim: int, warm_start: torch.Tensor | None = None,
-             proposal: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Plan:
-        cfg = self.config
-        start = time.perf_counter()
-        batch, n = state.shape[0], cfg.candidates
-        elite = min(cfg.mppi_elite, n)
-        mean = torch.zeros(horizon, batch, action_dim, device=state.device) if warm_start is None \
-            else warm_start.clone()
-        std = torch.full_like(mean, 2 * cfg.init_std)
-        states_in = state.repeat_interleave(n, dim=0)
-        energy_before = None
-        for _ in range(max(iterations, 1)):
-            noise = torch.randn(horizon, batch, n, action_dim, generator=generator).to(state.device)
-            samples = (mean[:, :, None] + std[:, :, None] * noise).clamp(-1.0, 1.0)
-            samples[:, :, 0] = mean
-            if proposal is not None and n > 1:
-                samples[:, :, 1] = proposal
-            energy, _ = energy_fn(states_in, samples.flatten(1, 2))
-            energy = torch.nan_to_num(energy.view(batch, n), nan=1e30, posinf=1e30)
-            if energy_before is None:
-                energy_before = energy.min(1).values
-            elite_energy, elite_idx = energy.topk(elite, dim=1, largest=False)  # (B, E)
-            weights = torch.softmax(-(elite_energy - elite_energy[:, :1]) / cfg.mppi_temperature, 1)
-            gather = elite_idx[None, :, :, None].expand(horizon, batch, elite, action_dim)
-            elites = samples.gather(2, gather)  # (H, B, E, A)
-            w = weights[None, :, :, None]
-            mean = (w * elites).sum(2)
-            std = ((w * (elites - mean[:, :, None]) ** 2).sum(2)).sqrt().clamp(cfg.mppi_min_std, 2.0)
-        final_energy, final_states = energy_fn(state, mean)
-        return Plan(mean, energy_before, final_energy, final_states, samples, energy,
-                    time.perf_counter() - start, "mode2")
-
-
-def shift_plan(previous: torch.Tensor, horizon: int) -> torch.Tensor:
-    """The warm start for the next step: previous (H', B, A) advanced one step, its last action
-    repeated to fill `horizon` -> (horizon, B, A)."""
-    shifted = torch.cat([previous[1:], previous[-1:]], dim=0)
-    if shifted.shape[0] < horizon:
-        shifted = torch.cat([shifted, shifted[-1:].expand(horizon - shifted.shape[0], -1, -1)])
-    return shifted[:horizon]
 
 
 class Policy(nn.Module):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ami.config import CostConfig, CostTermConfig
+from ami.config import CostConfig, CostTermConfig, GoalConfig
 from modules.perception import mlp
 
 
@@ -313,9 +313,56 @@ def discount_weights(horizon: int, discount: float, device: torch.device | str =
     return torch.tensor([math.pow(discount, t) for t in range(horizon)], device=device)
 
 
-class Cost:
-    """The cost module as the agent sees it: the immutable IC beside the trainable TC."""
+class GoalCritic(nn.Module):
+    """TC's goal-reaching part: how many steps a latent state is from a latent goal, learned without reward.
 
-    def __init__(self, intrinsic: IntrinsicCost, critic: TrainableCritic) -> None:
+    reach(s, g) = discount^steps(s, g) in (0, 1), trained by expectile TD on stored episodes, where every
+    frame is a goal the episode's other frames reach: reach(s_t, s_t) = 1, else discount * reach(s_t+1, g).
+    The upper expectile makes it the best the data's moves achieve rather than the random walk's average.
+    Unlike a latent distance, steps(s, g) knows that a wall stands between two states that look alike.
+    """
+
+    def __init__(self, latent_dim: int, config: GoalConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.net = mlp(2 * latent_dim, config.critic_hidden_dim, 1, layers=3)
+        self.target_net = copy.deepcopy(self.net).requires_grad_(False)
+        self.register_buffer("trained", torch.tensor(False))
+
+    def _logit(self, net: nn.Module, states: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """states: (..., B, D), goal: (B, D) -> (..., B); reach = sigmoid(-logit)."""
+        return net(torch.cat([states, goal.expand_as(states)], dim=-1)).squeeze(-1)
+
+    def steps(self, states: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """states: (..., B, D), goal: (B, D) -> (..., B) steps to the goal, >= 0.
+        log sigmoid(-x) / log discount = softplus(x) / -log discount: smooth, and linear far from the goal."""
+        return nn.functional.softplus(self._logit(self.net, states, goal)) / -math.log(self.config.critic_discount)
+
+    def loss(self, states: torch.Tensor, next_states: torch.Tensor, goals: torch.Tensor,
+             reached: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """states, next_states, goals: (B, D) detached latents; reached: (B,) True where the goal is the state."""
+        with torch.no_grad():
+            next_reach = torch.sigmoid(-self._logit(self.target_net, next_states, goals))
+            target = torch.where(reached, torch.ones_like(next_reach), self.config.critic_discount * next_reach)
+        reach = torch.sigmoid(-self._logit(self.net, states, goals))
+        error = target - reach
+        tau = self.config.critic_expectile
+        loss = (torch.where(error > 0, tau, 1 - tau) * error.pow(2)).mean()
+        steps = torch.log(reach.detach().clamp_min(1e-6)) / math.log(self.config.critic_discount)
+        return loss, {"goal_critic_loss": loss.item(), "goal_critic_steps_mean": steps.mean().item()}
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        for target, online in zip(self.target_net.parameters(), self.net.parameters(), strict=True):
+            target.lerp_(online, self.config.critic_tau)
+
+
+class Cost:
+    """The cost module as the agent sees it: the immutable IC beside the trainable TC (and, for goal
+    observations, its goal critic)."""
+
+    def __init__(self, intrinsic: IntrinsicCost, critic: TrainableCritic,
+                 goal_critic: GoalCritic | None = None) -> None:
         self.intrinsic = intrinsic
         self.critic = critic
+        self.goal_critic = goal_critic

@@ -21,6 +21,12 @@ BAD_OVERRIDES = [
     ("agent.actor.horizon=0", "agent.actor.horizon"),
     ("agent.cost.discount=1.5", "agent.cost.discount"),
     ("agent.configurator.weights.nosuch=1", "nosuch"),
+    ("agent.actor.screen_samples=-1", "agent.actor.screen_samples"),
+    ("agent.cost.goal.metric=cosine", "agent.cost.goal.metric"),
+    ("agent.cost.goal.critic_discount=1.0", "agent.cost.goal.critic_discount"),
+    ("agent.cost.goal.critic_expectile=0", "agent.cost.goal.critic_expectile"),
+    ("reward_free.critic_batch_size=0", "reward_free.critic_batch_size"),
+    ("reward_free.critic_updates=-1", "reward_free.critic_updates"),
 ]
 
 

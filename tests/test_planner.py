@@ -7,7 +7,7 @@ import torch
 
 from ami.config import ActorConfig
 from ami.messages import Percept, Task
-from modules.actor import GradientPlanner, MPPIPlanner
+from modules.planners import GradientPlanner, MPPIPlanner
 
 # A stable-ish 3-state, 2-action linear system: s' = A s + B a.
 A_MAT = torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.1], [0.05, 0.0, 0.95]], dtype=torch.float64)
@@ -309,3 +309,31 @@ def test_two_segment_fresh_candidates_hold_two_levels():
     changes = (fresh[1:] != fresh[:-1]).any(-1).sum(0)  # level changes per candidate
     assert (changes <= 1).all() and (changes == 1).any()
     assert (fresh.abs() <= 1).all()
+
+
+def test_screening_keeps_the_best_of_many_fresh_candidates():
+    """With screen_samples, the fresh candidates are the lowest-energy of that many piecewise moves: on a
+    target only a turn reaches (a point mass that must end at (1, 1) after a wall-free detour through (1, -1)),
+    they start far lower than the same number drawn at random, and the rest of the population is untouched."""
+    target_turn, target = torch.tensor([1.0, -1.0]), torch.tensor([1.0, 1.0])
+
+    def energy_fn(state, actions):  # (B, 2), (H, B, 2): the path's distance from the turn, then the end's
+        states = torch.cat([state[None], state[None] + 0.2 * actions.cumsum(0)])
+        middle = states[states.shape[0] // 2]
+        energy = (middle - target_turn).norm(dim=-1) + (states[-1] - target).norm(dim=-1)
+        return energy, states
+
+    state = torch.zeros(3, 2)
+    energies = {}
+    for samples in (0, 512):
+        planner = GradientPlanner(ActorConfig(candidates=16, fresh_fraction=0.5, fresh_segments=2,
+                                              init_std=0.3, screen_samples=samples))
+        generator = torch.Generator().manual_seed(0)
+        init = planner.initial_candidates(3, 12, 2, torch.device("cpu"), None, None, generator)
+        screened = planner.screen(init, state, energy_fn, generator)
+        assert torch.equal(screened[:, :, :8], init[:, :, :8])  # only the fresh half is replaced
+        assert (screened.abs() <= 1).all()
+        energy, _ = energy_fn(state.repeat_interleave(16, 0), screened.flatten(1, 2))
+        energies[samples] = energy.view(3, 16)[:, 8:]
+    assert (energies[512].mean(1) < 0.5 * energies[0].mean(1)).all(), energies
+    assert (energies[512].min(1).values <= energies[0].min(1).values).all()

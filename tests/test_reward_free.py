@@ -151,11 +151,15 @@ def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path)
     assert first.returncode == 0, first.stderr
     assert "no reward stored or used" in first.stdout and "parameters: perception" in first.stdout
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    no_critic = subprocess.run([*ami, "bench", "goals", "--runs", str(run_dir), "--variants", "critic_final"],
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert no_critic.returncode == 2 and "goal critic" in no_critic.stderr
     resumed = subprocess.run([*ami, "train", "--resume", str(run_dir), "reward_free.updates=30",
-                              "reward_free.predictor_updates=5", "progress=false"],
+                              "reward_free.predictor_updates=5", "reward_free.critic_updates=5", "progress=false"],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at update 20" in resumed.stdout and "done: 35 updates" in resumed.stdout
+    assert "resuming at update 20" in resumed.stdout and "done: 40 updates" in resumed.stdout
+    assert "critic_updates: 5" in (run_dir / "config.yaml").read_text()  # the resumed run's own config
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
@@ -163,15 +167,16 @@ def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path)
                 "world_model/inverse_dynamics_loss", "world_model/temporal_variance_loss",
                 "world_model/latent_std_min"):
         assert tag in scalars, tag
-    assert [e.step for e in events.Scalars("world_model/effective_rank")] == [10, 20, 30, 35]
+    assert [e.step for e in events.Scalars("world_model/effective_rank")] == [10, 20, 30, 40]
+    assert [e.step for e in events.Scalars("cost/critic/goal_critic_loss")] == [40]
     assert "world_model/real_vs_imagined" in events.Tags()["images"]
     assert "world_model/latent_std" in events.Tags()["histograms"]
     bench = subprocess.run([*ami, "bench", "goals", "--runs", str(run_dir), "--episodes", "1", "--variants",
-                            "gradient", "mppi", "--out", str(tmp_path / "bench"), "--no-progress"],
+                            "gradient", "mppi", "critic_final", "--out", str(tmp_path / "bench"), "--no-progress"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr
-    assert "| gradient |" in bench.stdout and "| mppi |" in bench.stdout
-    assert len((tmp_path / "bench" / "results.csv").read_text().splitlines()) == 3
+    assert "| gradient |" in bench.stdout and "| mppi |" in bench.stdout and "| critic_final |" in bench.stdout
+    assert len((tmp_path / "bench" / "results.csv").read_text().splitlines()) == 4
     bad = subprocess.run([*ami, "bench", "goals", "--runs", str(run_dir), "--variants", "cem"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert bad.returncode == 2 and "cem" in bad.stderr

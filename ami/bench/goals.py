@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 from ami.bench.parallel import run_jobs
+from ami.checkpoint import latest_checkpoint, load_checkpoint
+from ami.config import ConfigError
 from ami.goals import batched, load_goal_agent, run_goal_episode
 
 EVAL_SEED = 1_000_000  # start/goal pairs come from env seeds EVAL_SEED + i: never the training data's
@@ -30,9 +32,16 @@ VARIANTS: dict[str, list[str]] = {
     "no_fresh": ["agent.actor.fresh_fraction=0.0"],  # every candidate starts near the warm start
     "straight_fresh": ["agent.actor.fresh_segments=1"],  # fresh candidates are one straight move
     "no_final_weight": ["agent.cost.goal.final_weight=0.0"],  # the plan's last state weighs like the others
+    "final_weight_10": ["agent.cost.goal.final_weight=10.0"],  # the last state weighs as 10 others
     "final_only": ["agent.cost.goal.weight=0.0"],  # only the plan's last state is priced
     "horizon_20": ["agent.actor.horizon=20"],
+    "no_screen": ["agent.actor.screen_samples=0"],  # fresh candidates drawn, not picked from many
+    # With the goal critic (runs trained with reward_free.critic_updates > 0): its steps to go from the
+    # plan's last state added to the energy, or its steps as the distance everywhere.
+    "critic_final": ["agent.cost.goal.critic_final_weight=30.0"],
+    "critic_metric": ["agent.cost.goal.metric=critic"],
 }
+CRITIC_VARIANTS = ("critic_final", "critic_metric")
 DEFAULT_VARIANTS = ("gradient", "mppi")
 
 
@@ -87,10 +96,20 @@ def table(rows: list[Row], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _has_trained_critic(run_dir: str) -> bool:
+    critic = load_checkpoint(latest_checkpoint(Path(run_dir)), "cpu").get("goal_critic")
+    return critic is not None and bool(critic["trained"])
+
+
 def run(runs: list[str], variants: list[str], episodes: int, out_dir: Path, progress: bool, jobs: int) -> list[Row]:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants {unknown}: expected some of {list(VARIANTS)}")
+    if any(v in CRITIC_VARIANTS for v in variants):
+        untrained = [r for r in runs if not _has_trained_critic(r)]
+        if untrained:
+            raise ConfigError(f"--variants {[v for v in variants if v in CRITIC_VARIANTS]} need a trained goal "
+                             f"critic, and runs {untrained} have none: resume them with reward_free.critic_updates")
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(run_dir, variant) for run_dir in runs for variant in variants]
     # Inner progress bars only when the jobs run here, one at a time.

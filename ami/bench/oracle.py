@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from ami.config import ActorConfig
-from modules.actor import EnergyFn, GradientPlanner, MPPIPlanner, shift_plan
 from modules.cost import discount_weights
+from modules.planners import EnergyFn, GradientPlanner, MPPIPlanner, shift_plan
 
 GRAVITY, MASS, LENGTH, DT, MAX_SPEED, MAX_TORQUE = 10.0, 1.0, 1.0, 0.05, 8.0, 2.0
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from ami.build import build_agent, resolve_device
-from modules.actor import GradientPlanner, MPPIPlanner
+from modules.planners import GradientPlanner, MPPIPlanner
 
 
 @dataclass(frozen=True)
