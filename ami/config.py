@@ -363,12 +363,9 @@ def validate(cfg: DictConfig) -> None:
                           "set agent.shield.ego.kind (e.g. point_mass) or use fallback=zero")
     if a.shield.tolerance < 0:
         raise ConfigError(f"agent.shield.tolerance={a.shield.tolerance!r}: expected a number >= 0")
-    for key in ("reward_free.predictor_updates", "reward_free.critic_updates"):
+    for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates"):
         if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected an int >= 0 (0 skips the phase)")
-    if a.actor.screen_samples < 0:
-        raise ConfigError(f"agent.actor.screen_samples={a.actor.screen_samples!r}: expected an int >= 0 "
-                          "(0 turns screening off)")
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected an int >= 0 (0 turns it off)")
     for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
                 "agent.actor.candidates", "agent.world_model.batch_size",
                 "agent.world_model.rollout_horizon", "agent.memory.capacity",
