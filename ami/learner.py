@@ -93,6 +93,6 @@ class Learner:
     def load_state_dict(self, state: dict) -> None:
         for key, optimiser in self.optimisers().items():
             optimiser.load_state_dict(state["optimisers"][key])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # map_location may have moved it
         self.updates = int(state["updates"])
         self.agent.world_model_trained = self.updates > 0

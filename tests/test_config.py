@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ami.cli import main
-from ami.config import ConfigError, load_config
+from ami.config import CONFIG_DIR, ConfigError, load_config
 from modules.cost import GuardrailError
 
 BAD_OVERRIDES = [
@@ -92,3 +93,26 @@ def test_cli_subprocess_unknown_variant_exits_2(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "nope" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+
+def _contained(preset, resolved) -> bool:
+    """Whether every value the preset gives is the resolved one (which may add defaults around it)."""
+    if isinstance(preset, DictConfig):
+        return isinstance(resolved, DictConfig) and all(
+            key in resolved and _contained(value, resolved[key]) for key, value in preset.items())
+    if isinstance(preset, ListConfig):
+        return (isinstance(resolved, ListConfig) and len(preset) == len(resolved)
+                and all(_contained(a, b) for a, b in zip(preset, resolved, strict=True)))
+    return preset == resolved
+
+
+@pytest.mark.parametrize("env_name", sorted(p.stem for p in (CONFIG_DIR / "env").glob("*.yaml")))
+def test_every_agent_setting_of_an_env_preset_takes_effect(env_name):
+    """The agent preset is merged after the env preset and wins a conflict, so an agent key that both set is
+    silently dead in the env preset: each env preset must set only keys that survive."""
+    preset = OmegaConf.load(CONFIG_DIR / "env" / f"{env_name}.yaml").get("agent", OmegaConf.create({}))
+    resolved = load_config([f"env={env_name}"]).agent
+    dead = [f"{section}.{key}" for section, values in preset.items() for key, value in values.items()
+            if not _contained(value, resolved[section][key])]
+    assert not dead, f"{env_name}.yaml sets agent keys that the agent preset overrides: {dead}"
