@@ -35,7 +35,7 @@ VARIANTS: dict[str, list[str]] = {
     "final_weight_10": ["agent.cost.goal.final_weight=10.0"],  # the last state weighs as 10 others
     "final_only": ["agent.cost.goal.weight=0.0"],  # only the plan's last state is priced
     "horizon_20": ["agent.actor.horizon=20"],
-    "horizon_60": ["agent.actor.horizon=60"],  # room for the longest detours, at 1.5 times the planning cost
+    "horizon_40": ["agent.actor.horizon=40"],  # the previous preset: too short for the longest detours
     "no_screen": ["agent.actor.screen_samples=0"],  # fresh candidates drawn, not picked from many
     # With the goal critic (runs trained with reward_free.critic_updates > 0): its steps to go from the
     # plan's last state added to the energy, or its steps as the distance everywhere.
