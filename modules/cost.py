@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ami.config import CostConfig, CostTermConfig, GoalConfig
-from modules.perception import mlp
+from modules.perception import mlp, soft_update
 
 
 class GuardrailError(RuntimeError):
@@ -302,10 +302,8 @@ class TrainableCritic(nn.Module):
                  "value_mean": targets.mean().item()}
         return value_loss + step_loss, stats
 
-    @torch.no_grad()
     def update_target(self) -> None:
-        for target, online in zip(self.target_value_head.parameters(), self.value_head.parameters(), strict=True):
-            target.lerp_(online, self.config.critic_tau)
+        soft_update(self.target_value_head, self.value_head, self.config.critic_tau)
 
 
 def discount_weights(horizon: int, discount: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -351,10 +349,8 @@ class GoalCritic(nn.Module):
         steps = torch.log(reach.detach().clamp_min(1e-6)) / math.log(self.config.critic_discount)
         return loss, {"goal_critic_loss": loss.item(), "goal_critic_steps_mean": steps.mean().item()}
 
-    @torch.no_grad()
     def update_target(self) -> None:
-        for target, online in zip(self.target_net.parameters(), self.net.parameters(), strict=True):
-            target.lerp_(online, self.config.critic_tau)
+        soft_update(self.target_net, self.net, self.config.critic_tau)
 
 
 class Cost:

@@ -21,6 +21,13 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Seque
     return nn.Sequential(*blocks)
 
 
+@torch.no_grad()
+def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """Polyak averaging: each target parameter moves a share tau of the way to its online twin."""
+    for target_param, online_param in zip(target.parameters(), online.parameters(), strict=True):
+        target_param.lerp_(online_param, tau)
+
+
 class RunningNorm(nn.Module):
     """Per-dimension running mean and variance (parallel Welford), applied as (x - mean) / std.
 
@@ -85,13 +92,10 @@ class Perception(nn.Module):
         encoder = self.target_encoder if self.config.target == "ema" else self.encoder
         return encoder(self.normalizer(obs))
 
-    @torch.no_grad()
     def update_target(self) -> None:
         if self.config.target != "ema":
             return
-        tau = self.config.target_tau
-        for target, online in zip(self.target_encoder.parameters(), self.encoder.parameters(), strict=True):
-            target.lerp_(online, tau)
+        soft_update(self.target_encoder, self.encoder, self.config.target_tau)
 
 
 class SpatialSoftmax(nn.Module):
