@@ -72,7 +72,10 @@ class PlanEnergy:
             energy = energy + self.goal_config.weight * (gammas[1:, None] * distance).sum(0) \
                 + self.goal_config.final_weight * distance[-1]
             if self.goal_config.critic_final_weight:
-                energy = energy + self.goal_config.critic_final_weight * self.goal_critic.steps(states[-1], goal)
+                # With metric "critic" the last distance already is the critic's steps from s_H.
+                steps = distance[-1] if self.goal_config.metric == "critic" \
+                    else self.goal_critic.steps(states[-1], goal)
+                energy = energy + self.goal_config.critic_final_weight * steps
         return energy, states
 
     def goal_distance(self, states: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
