@@ -13,7 +13,7 @@ from ami.messages import Percept, Plan, Record, ShieldDecision, Task
 from modules.actor import Actor
 from modules.configurator import Configurator
 from modules.cost import Cost
-from modules.memory import ShortTermMemory
+from modules.memory import EpisodeTrail, ShortTermMemory
 from modules.perception import Perception
 from modules.shield import Shield
 from modules.world_model import WorldModel
@@ -25,7 +25,8 @@ class Agent:
 
     def __init__(self, perception: Perception, world_model: WorldModel, cost: Cost,
                  memory: ShortTermMemory, actor: Actor, configurator: Configurator, shield: Shield,
-                 device: torch.device, exploration_std: float = 0.0) -> None:
+                 device: torch.device, exploration_std: float = 0.0, trail: EpisodeTrail | None = None) -> None:
+        """trail: the short-term memory of this episode's latents, kept when the cost has a boredom term."""
         self.perception = perception
         self.world_model = world_model
         self.cost = cost
@@ -35,6 +36,7 @@ class Agent:
         self.shield = shield
         self.device = device
         self.exploration_std = exploration_std
+        self.trail = trail
         # The world model's predictions are checked only once it has learned something; until then
         # the shield rests on the ego model alone. The learner turns this on with its first update.
         self.world_model_trained = False
@@ -64,7 +66,9 @@ class Agent:
             ) -> tuple[np.ndarray, Percept, Task, Plan, ShieldDecision]:
         """obs: (B, obs_dim) -> actions (B, A) in [-1, 1], and the messages that produced them."""
         percept = self.perceive(obs)
-        task = self.configurator.configure(percept)
+        if self.trail is not None:
+            self.trail.add(percept.state)
+        task = self.configurator.configure(percept, None if self.trail is None else self.trail.view())
         weights = self.cost.intrinsic.weight_vector(task.weights).to(self.device)
         plan = self.actor.act(percept, task, weights, generator)
         action = plan.actions[0].detach().cpu()
@@ -77,6 +81,12 @@ class Agent:
         decision = self.shield_actions(percept.observation.cpu().numpy(), action.numpy(), percept,
                                        alternatives.detach())
         return decision.actions.numpy(), percept, task, plan, decision
+
+    def reset(self, done: torch.Tensor | None = None) -> None:
+        """A new episode, everywhere or where done: (B,) is True: no warm start, no trail."""
+        self.actor.reset(done)
+        if self.trail is not None:
+            self.trail.reset(done)
 
     def shield_actions(self, obs: np.ndarray, proposed: np.ndarray, percept: Percept | None = None,
                        alternatives: torch.Tensor | None = None) -> ShieldDecision:

@@ -11,7 +11,7 @@ from ami.config import AgentConfig
 from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
 from modules.cost import Cost, GoalCritic, IntrinsicCost, TrainableCritic
-from modules.memory import ShortTermMemory
+from modules.memory import EpisodeTrail, ShortTermMemory
 from modules.perception import ImagePerception, Perception
 from modules.shield import Shield
 from modules.world_model import WorldModel
@@ -66,14 +66,16 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
     shield = Shield(config.shield, intrinsic, world_model, observation_names, action_dim)
     guide = shield.planning_cost if shield.active and shield.ego is not None and config.shield.guide_planner else None
     energy = PlanEnergy(world_model, intrinsic, critic, config.cost.discount, config.cost.value_weight, guide,
-                        config.cost.goal, goal_critic)
+                        config.cost.goal, goal_critic, config.cost.boredom_weight, config.cost.boredom_radius)
     if config.actor.compile:
         energy.compile()
     actor = Actor(policy, energy, action_dim, config.actor)
     configurator = Configurator(config.configurator, intrinsic.default_weights, intrinsic.guardrail_names,
                                 config.actor.horizon, config.actor.iterations)
+    trail = EpisodeTrail(config.memory.trail_capacity, latent_dim, config.memory.trail_every) \
+        if config.cost.boredom_weight else None
     return Agent(perception, world_model, cost, memory, actor, configurator, shield, device,
-                 config.actor.exploration_std)
+                 config.actor.exploration_std, trail)
 
 
 def parameter_counts(agent: Agent) -> dict[str, int]:

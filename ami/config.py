@@ -127,6 +127,12 @@ class CostConfig:
     # Cost per step, forever, after the env terminates an episode (a fall, a crash): the critic's
     # price of ending early. 0 suits envs whose termination is success or that never terminate.
     termination_cost: float = 0.0
+    # Boredom: every imagined state pays boredom_weight * sum_v exp(-|s - v|^2 / (2 boredom_radius^2)) over
+    # the latents v this episode has already passed through (the short-term memory's EpisodeTrail). A place
+    # the agent lingers in wears out, so a plan that keeps promising a way the world model gets wrong (through
+    # a wall, near the door) gives way to another. 0 turns it off (and the trail with it).
+    boredom_weight: float = 0.0
+    boredom_radius: float = 0.5  # in latent units
     grad_clip: float = 10.0
 
 
@@ -134,6 +140,10 @@ class CostConfig:
 class MemoryConfig:
     capacity: int = 100_000
     recall_k: int = 8
+    # The current episode's latents kept for the boredom term: one every trail_every steps, the newest
+    # trail_capacity of them.
+    trail_capacity: int = 256
+    trail_every: int = 1
 
 
 @dataclass
@@ -363,12 +373,15 @@ def validate(cfg: DictConfig) -> None:
                           "set agent.shield.ego.kind (e.g. point_mass) or use fallback=zero")
     if a.shield.tolerance < 0:
         raise ConfigError(f"agent.shield.tolerance={a.shield.tolerance!r}: expected a number >= 0")
-    for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates"):
+    for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates",
+                "agent.cost.boredom_weight"):
         if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected an int >= 0 (0 turns it off)")
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected a number >= 0 (0 turns it off)")
     for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
                 "agent.actor.candidates", "agent.world_model.batch_size",
-                "agent.world_model.rollout_horizon", "agent.memory.capacity",
+                "agent.world_model.rollout_horizon", "agent.memory.capacity", "agent.memory.trail_capacity",
+                "agent.memory.trail_every",
+                "agent.cost.boredom_radius",
                 "train.total_steps", "train.eval_episodes", "train.update_every",
                 "agent.actor.replan_every", "agent.actor.fresh_segments",
                 "reward_free.transitions", "reward_free.num_envs", "reward_free.updates",

@@ -14,6 +14,7 @@ import torch
 from ami.agent import Agent
 from ami.config import EnvConfig
 from ami.envs import make_env, make_vector_env
+from modules.memory import EpisodeTrail
 
 # Fixed start states for every run, so that scores of different seeds and agents compare.
 EVAL_SEED = 10_000
@@ -42,14 +43,16 @@ class EvalResult:
 
 @contextmanager
 def fresh_plans(agent: Agent) -> Iterator[None]:
-    """Plan without the training episode's warm start, and give it back afterwards, so that
+    """Plan without the training episode's warm start and trail, and give them back afterwards, so that
     evaluation leaves training exactly as it was."""
-    saved = agent.actor.previous
+    saved = agent.actor.previous, agent.trail
     agent.actor.reset()
+    if agent.trail is not None:
+        agent.trail = EpisodeTrail(agent.trail.capacity, agent.trail.latent_dim, agent.trail.every)
     try:
         yield
     finally:
-        agent.actor.previous = saved
+        agent.actor.previous, agent.trail = saved
 
 
 def run_episodes(policy: Callable[[np.ndarray], np.ndarray], env_config: EnvConfig, episodes: int,

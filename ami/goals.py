@@ -49,7 +49,7 @@ def run_goal_episode(agent: Agent, env: gym.Env, seed: int | None, options: dict
                      generator: torch.Generator | None = None, record: bool = False) -> GoalEpisode:
     """One episode from env.reset(seed=seed, options=options) until success or the env's time limit."""
     obs, info = env.reset(seed=seed, options=options)
-    agent.actor.reset()
+    agent.reset()
     frames = [obs["image"]] if record else []
     agent_time, plan_calls, steps, imagined = 0.0, 0, 0, None
     terminated = truncated = False

@@ -39,6 +39,7 @@ class Task:
     iterations: int
     mode: str
     goal: torch.Tensor | None = None
+    visited: torch.Tensor | None = None  # (B, V, D): the episode's trail, for the boredom term
 
 
 @dataclass(frozen=True)

@@ -277,9 +277,9 @@ class RewardFreeTrainer:
         real frames over the nearest stored frames of the imagined latents (and the goal)."""
         agent, env = self.agent, self.env
         obs, _ = env.reset(seed=seed)
-        agent.actor.reset()
+        agent.reset()
         _, _, _, plan, _ = agent.act(batched(obs))
-        agent.actor.reset()
+        agent.reset()
         real = [_image(obs)]
         for action in plan.actions[:, 0].cpu().numpy():
             obs, _, terminated, truncated, _ = env.step(action)

@@ -92,7 +92,7 @@ class Trainer:
         agent, train = self.agent, self.cfg.train
         if self.obs is None:  # a new episode starts; its reset draws from the env's own RNG
             self.obs, _ = self.env.reset()
-            agent.actor.reset()
+            agent.reset()
         if self.step < train.seed_steps:  # random actions, shielded like any other
             proposed = self.action_rng.uniform(-1.0, 1.0, self.env.action_space.shape).astype(np.float32)
             percept = agent.perceive(self.obs[None])

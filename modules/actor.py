@@ -15,7 +15,7 @@ from torch import nn
 
 from ami.config import ActorConfig, GoalConfig
 from ami.messages import Percept, Plan, Task
-from modules.cost import GoalCritic, IntrinsicCost, TrainableCritic, discount_weights, latent_goal_distance
+from modules.cost import GoalCritic, IntrinsicCost, TrainableCritic, boredom, discount_weights, latent_goal_distance
 from modules.perception import mlp
 from modules.planners import GradientPlanner, MPPIPlanner, autograd_energy_and_grad, shift_plan
 from modules.world_model import WorldModel
@@ -26,18 +26,22 @@ class PlanEnergy:
 
     E = sum_t gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)] + w_v gamma^H TC_value(s_H)
         + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g) + w_c steps(s_H, g)
+        + (with the episode's trail V) w_b sum_{t=1..H} boredom(s_t, V)
 
-    d is a latent distance or the goal critic's steps (GoalConfig.metric); w_c the critic_final_weight.
+    d is a latent distance or the goal critic's steps (GoalConfig.metric); w_c the critic_final_weight;
+    w_b the boredom_weight (modules.cost.boredom).
     """
 
     def __init__(self, world_model: WorldModel, intrinsic_cost: IntrinsicCost,
                  critic: TrainableCritic, discount: float, value_weight: float,
                  first_action_cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 goal: GoalConfig | None = None, goal_critic: GoalCritic | None = None) -> None:
+                 goal: GoalConfig | None = None, goal_critic: GoalCritic | None = None,
+                 boredom_weight: float = 0.0, boredom_radius: float = 0.5) -> None:
         """first_action_cost: (observation (B, Q), first actions (B, A)) -> (B,), a known cost of
         the first step added to the energy (the shield's ego-model guardrail cost). goal: the goal
         term's weights and metric, used when a plan is bound to a latent goal; goal_critic: the
-        trained GoalCritic that metric "critic" and critic_final_weight use."""
+        trained GoalCritic that metric "critic" and critic_final_weight use. boredom_weight and
+        boredom_radius: the boredom term, used when a plan is bound to a trail of visited latents."""
         self.goal_config = goal or GoalConfig()
         self.goal_critic = goal_critic
         self.world_model = world_model
@@ -46,14 +50,18 @@ class PlanEnergy:
         self.discount = discount
         self.value_weight = value_weight
         self.first_action_cost = first_action_cost
+        self.boredom_weight = boredom_weight
+        self.boredom_radius = boredom_radius
         self._forward: Callable = self.__call__
         self._compiled_value_and_grad: Callable | None = None
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
                  use_step_head: bool, readout_offset: torch.Tensor,
-                 observation: torch.Tensor, goal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 observation: torch.Tensor, goal: torch.Tensor | None = None,
+                 visited: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """state: (B, D), actions: (H, B, A), analytic_weights: (T,), readout_offset: (B, Q) added to
-        every readout, observation: (B, Q), goal: (B, D) or None -> (energy (B,), states (H+1, B, D))."""
+        every readout, observation: (B, Q), goal: (B, D) or None, visited: (B, V, D) or None ->
+        (energy (B,), states (H+1, B, D))."""
         horizon = actions.shape[0]
         states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
         quantities = self.world_model.readout(states[:-1]) + readout_offset
@@ -76,6 +84,8 @@ class PlanEnergy:
                 steps = distance[-1] if self.goal_config.metric == "critic" \
                     else self.goal_critic.steps(states[-1], goal)
                 energy = energy + self.goal_config.critic_final_weight * steps
+        if visited is not None and self.boredom_weight:
+            energy = energy + self.boredom_weight * boredom(states[1:], visited, self.boredom_radius).sum(0)
         return energy, states
 
     def goal_distance(self, states: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
@@ -86,23 +96,26 @@ class PlanEnergy:
 
     def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
                 use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
-                goal: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        energy, states = self(state, actions, analytic_weights, use_step_head, readout_offset, observation, goal)
+                goal: torch.Tensor | None, visited: torch.Tensor | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        energy, states = self(state, actions, analytic_weights, use_step_head, readout_offset, observation, goal,
+                              visited)
         return energy.sum(), (energy, states)
 
     def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
                        use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
-                       goal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       goal: torch.Tensor | None = None, visited: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
         the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
             return autograd_energy_and_grad(
-                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation, goal),
+                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation, goal, visited),
                 state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
             grad, (_, (energy, states)) = self._compiled_value_and_grad(
                 actions.detach(), state.detach(), analytic_weights, use_step_head, readout_offset, observation,
-                goal)
+                goal, visited)
         return energy, grad, states
 
     def compile(self) -> None:
@@ -121,9 +134,11 @@ class PlanEnergy:
         return self._compiled_value_and_grad is not None
 
     def bind(self, weights: torch.Tensor, readout_offset: torch.Tensor | None = None,
-             observation: torch.Tensor | None = None, goal: torch.Tensor | None = None) -> BoundEnergy:
+             observation: torch.Tensor | None = None, goal: torch.Tensor | None = None,
+             visited: torch.Tensor | None = None) -> BoundEnergy:
         """The energy for one task's weights: (T,), and one batch's readout offset and observation:
-        (B, Q) each (WorldModel.readout_offset; zeros when None), and latent goal: (B, D) or None."""
+        (B, Q) each (WorldModel.readout_offset; zeros when None), latent goal: (B, D) or None, and the
+        episode's trail of visited latents: (B, V, D) or None (memory.EpisodeTrail)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
         if self.first_action_cost is not None and observation is None:
@@ -133,7 +148,7 @@ class PlanEnergy:
             raise ValueError("agent.cost.goal.metric='critic' and critic_final_weight need a trained goal critic: "
                              "train one with reward_free.critic_updates > 0, or use metric l2 with "
                              "critic_final_weight 0")
-        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation, goal)
+        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation, goal, visited)
 
 
 class BoundEnergy:
@@ -141,13 +156,14 @@ class BoundEnergy:
 
     def __init__(self, energy: PlanEnergy, analytic_weights: torch.Tensor, use_step_head: bool,
                  readout_offset: torch.Tensor | None = None, observation: torch.Tensor | None = None,
-                 goal: torch.Tensor | None = None) -> None:
+                 goal: torch.Tensor | None = None, visited: torch.Tensor | None = None) -> None:
         self.energy = energy
         self.analytic_weights = analytic_weights
         self.use_step_head = use_step_head
         self.readout_offset = readout_offset
         self.observation = observation
         self.goal = goal
+        self.visited = visited
 
     def _rows(self, per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
         """(B', Q) for a state batch of B' rows: planners repeat each environment's state once per
@@ -157,9 +173,10 @@ class BoundEnergy:
         return per_env.repeat_interleave(state.shape[0] // per_env.shape[0], dim=0)
 
     def _context(self, state: torch.Tensor) -> tuple:
-        goal = None if self.goal is None else self.goal.repeat_interleave(state.shape[0] // self.goal.shape[0], 0)
+        goal, visited = (None if per_env is None else per_env.repeat_interleave(state.shape[0] // per_env.shape[0], 0)
+                         for per_env in (self.goal, self.visited))
         return (self.analytic_weights, self.use_step_head, self._rows(self.readout_offset, state),
-                self._rows(self.observation, state), goal)
+                self._rows(self.observation, state), goal, visited)
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.energy._forward(state, actions, *self._context(state))
@@ -235,7 +252,7 @@ class Actor:
         if task.mode == "mode2" and (followed := self._follow(state.shape[0])) is not None:
             return followed
         energy_fn = self.energy.bind(weights, self.energy.world_model.readout_offset(percept), percept.observation,
-                                     task.goal)
+                                     task.goal, task.visited)
         proposal = self.policy.propose(state, self.energy.world_model, task.horizon)
         if task.mode == "mode1":
             start = time.perf_counter()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
+
 from ami.config import ConfiguratorConfig
 from ami.messages import Percept, Task
 from modules.cost import GuardrailError
@@ -44,8 +46,10 @@ class Configurator:
         if policy_error is not None:
             self.policy_error = policy_error
 
-    def configure(self, percept: Percept) -> Task:
+    def configure(self, percept: Percept, visited: torch.Tensor | None = None) -> Task:
+        """visited: (B, V, D) the latents this episode has passed through (memory.EpisodeTrail), passed on
+        to the boredom term."""
         mode = self.config.mode
         if mode == "auto":
             mode = "mode1" if self.policy_error < self.config.auto_mode1_error else "mode2"
-        return Task(self.weights, self.horizon, self.iterations, mode, percept.goal)
+        return Task(self.weights, self.horizon, self.iterations, mode, percept.goal, visited)

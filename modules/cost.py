@@ -252,6 +252,17 @@ def latent_goal_distance(states: torch.Tensor, goal: torch.Tensor, metric: str =
     raise ValueError(f"goal metric {metric!r}: expected 'l2' or 'squared'")
 
 
+def boredom(states: torch.Tensor, visited: torch.Tensor, radius: float) -> torch.Tensor:
+    """How long the episode has lingered near each state: sum_v exp(-|s - v|^2 / (2 radius^2)).
+
+    states: (H, B, D), visited: (B, V, D) (memory.EpisodeTrail, whose empty slots are far away) -> (H, B).
+    The squared distance is expanded (|s|^2 - 2 s.v + |v|^2) so that no (H, B, V, D) tensor is made.
+    """
+    squared = states.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("hbd,bvd->hbv", states, visited) \
+        + visited.pow(2).sum(-1)[None]
+    return torch.exp(-squared.clamp_min(0) / (2 * radius**2)).sum(-1)
+
+
 def value_targets(costs: torch.Tensor, terminated: torch.Tensor, bootstrap: torch.Tensor,
                   discount: float, terminal_value: float = 0.0) -> torch.Tensor:
     """Discounted cost-to-go for every step of a sequence.

@@ -1,4 +1,5 @@
-"""Short-term memory: a bounded ring of real transitions, sampled as sequences, recalled by key."""
+"""Short-term memory: a bounded ring of real transitions, sampled as sequences, recalled by key; and the
+current episode's trail of latents, which the boredom term reads."""
 
 from __future__ import annotations
 
@@ -134,3 +135,53 @@ class ShortTermMemory:
         for name in self.FIELDS:
             getattr(self, name).copy_(state[name])
         self.cursor, self.size = int(state["cursor"]), int(state["size"])
+
+
+class EpisodeTrail:
+    """The latents each environment's current episode has passed through, for the boredom term.
+
+    One latent every `every` steps (the boredom term's cost grows with the slots; a place the agent lingers
+    in fills them either way), in a ring of `capacity` slots per environment: (B, capacity, D). Empty
+    slots hold a far-away sentinel instead of being cut off, so the tensor keeps one shape all episode
+    long (one compiled plan energy), and a sentinel's kernel weight, exp(-|s - FAR|^2 / 2r^2), is 0.
+    """
+
+    FAR = 1e4
+
+    def __init__(self, capacity: int, latent_dim: int, every: int = 1) -> None:
+        for name, value in [("capacity", capacity), ("every", every)]:
+            if value < 1:
+                raise ValueError(f"trail {name}={value!r}: expected a positive int")
+        self.capacity = capacity
+        self.latent_dim = latent_dim
+        self.every = every
+        self.latents: torch.Tensor | None = None  # (B, capacity, D)
+        self.count: torch.Tensor | None = None  # (B,) latents kept this episode
+        self.steps: torch.Tensor | None = None  # (B,) steps this episode
+
+    def add(self, states: torch.Tensor) -> None:
+        """states: (B, D), this step's, one per environment; a new batch size starts every trail afresh."""
+        states = states.detach()
+        if self.latents is None or self.latents.shape[0] != states.shape[0]:
+            self.latents = states.new_full((states.shape[0], self.capacity, self.latent_dim), self.FAR)
+            self.count = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
+            self.steps = torch.zeros_like(self.count)
+        keep = self.steps % self.every == 0
+        rows = torch.arange(states.shape[0], device=states.device)[keep]
+        self.latents[rows, self.count[keep] % self.capacity] = states[keep]
+        self.count += keep.long()
+        self.steps += 1
+
+    def reset(self, done: torch.Tensor | None = None) -> None:
+        """Forget every trail, or those where done: (B,) is True."""
+        if done is None or self.latents is None:
+            self.latents = self.count = self.steps = None
+            return
+        done = done.to(self.latents.device)
+        self.latents[done] = self.FAR
+        self.count[done] = 0
+        self.steps[done] = 0
+
+    def view(self) -> torch.Tensor | None:
+        """(B, capacity, D): a copy, so later steps do not change what a plan was priced with."""
+        return None if self.latents is None else self.latents.clone()

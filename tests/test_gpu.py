@@ -68,8 +68,8 @@ def test_reward_free_run_on_cuda_plans_as_on_the_cpu_and_benchmarks(tmp_path):
         cpu_actions, _, _, cpu_plan, _ = on_cpu.act(batched(obs), generator=torch.Generator().manual_seed(seed))
         assert np.isfinite(gpu_actions).all() and np.abs(gpu_actions).max() <= 1.0
         torch.testing.assert_close(gpu_plan.energy_before.cpu(), cpu_plan.energy_before, rtol=1e-3, atol=1e-3)
-        on_gpu.actor.reset()
-        on_cpu.actor.reset()
+        on_gpu.reset()
+        on_cpu.reset()
     env.close()
     bench = ami("bench", "goals", "--runs", run_dir, "--episodes", "2", "--variants", "gradient", "mppi",
                 "critic_final", "--out", tmp_path / "bench", "--no-progress", cwd=tmp_path)

@@ -194,17 +194,20 @@ def test_act_uses_shifted_previous_plan_as_first_candidate(make_agent):
 
 
 def test_compiled_energy_and_gradient_match_eager(make_agent):
-    """torch.compile'd planning computes the same energy and action gradient as eager autograd."""
-    agent, cfg = make_agent("agent.actor.horizon=3")
+    """torch.compile'd planning computes the same energy and action gradient as eager autograd, boredom
+    over a trail of visited latents included."""
+    agent, cfg = make_agent("agent.actor.horizon=3", "agent.cost.boredom_weight=1.0", "agent.cost.boredom_radius=2.0")
     weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
     g = torch.Generator().manual_seed(0)
     state = agent.perception(torch.randn(5, 3, generator=g)).detach()
     actions = torch.rand(3, 5, 1, generator=g) * 2 - 1
-    eager = agent.actor.energy.bind(weights)
+    visited = state[:, None] + 0.5 * torch.randn(5, 4, state.shape[1], generator=g)  # (B, V, D) near the start
+    eager = agent.actor.energy.bind(weights, visited=visited)
     eager_energy, eager_grad, eager_states = eager.value_and_grad(state, actions)
     eager_forward, _ = eager(state, actions)
+    assert (eager_forward > agent.actor.energy.bind(weights)(state, actions)[0]).all()  # the trail is priced
     agent.actor.energy.compile()
-    compiled = agent.actor.energy.bind(weights)
+    compiled = agent.actor.energy.bind(weights, visited=visited)
     energy, grad, states = compiled.value_and_grad(state, actions)
     torch.testing.assert_close(states, eager_states, atol=1e-5, rtol=1e-5)
     forward, _ = compiled(state, actions)
