@@ -165,18 +165,21 @@ class BoundEnergy:
         self.goal = goal
         self.visited = visited
 
+    @staticmethod
+    def _repeat(per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor | None:
+        """(B, ...) -> (B', ...) for a state batch of B' rows: planners repeat each environment's state once
+        per candidate, so B' is a multiple of the bound tensor's B."""
+        return None if per_env is None else per_env.repeat_interleave(state.shape[0] // per_env.shape[0], dim=0)
+
     def _rows(self, per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-        """(B', Q) for a state batch of B' rows: planners repeat each environment's state once per
-        candidate, so B' is a multiple of the bound tensor's B."""
+        """(B', Q), zeros when per_env is None."""
         if per_env is None:
             return state.new_zeros(state.shape[0], len(self.energy.world_model.observation_names))
-        return per_env.repeat_interleave(state.shape[0] // per_env.shape[0], dim=0)
+        return self._repeat(per_env, state)
 
     def _context(self, state: torch.Tensor) -> tuple:
-        goal, visited = (None if per_env is None else per_env.repeat_interleave(state.shape[0] // per_env.shape[0], 0)
-                         for per_env in (self.goal, self.visited))
         return (self.analytic_weights, self.use_step_head, self._rows(self.readout_offset, state),
-                self._rows(self.observation, state), goal, visited)
+                self._rows(self.observation, state), self._repeat(self.goal, state), self._repeat(self.visited, state))
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.energy._forward(state, actions, *self._context(state))

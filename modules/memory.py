@@ -156,30 +156,31 @@ class EpisodeTrail:
         self.latent_dim = latent_dim
         self.every = every
         self.latents: torch.Tensor | None = None  # (B, capacity, D)
-        self.count: torch.Tensor | None = None  # (B,) latents kept this episode
         self.steps: torch.Tensor | None = None  # (B,) steps this episode
+
+    @property
+    def count(self) -> torch.Tensor | None:
+        """(B,) latents kept this episode: steps 0, every, 2 every, ..."""
+        return None if self.steps is None else (self.steps + self.every - 1) // self.every
 
     def add(self, states: torch.Tensor) -> None:
         """states: (B, D), this step's, one per environment; a new batch size starts every trail afresh."""
         states = states.detach()
         if self.latents is None or self.latents.shape[0] != states.shape[0]:
             self.latents = states.new_full((states.shape[0], self.capacity, self.latent_dim), self.FAR)
-            self.count = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
-            self.steps = torch.zeros_like(self.count)
+            self.steps = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
         keep = self.steps % self.every == 0
         rows = torch.arange(states.shape[0], device=states.device)[keep]
-        self.latents[rows, self.count[keep] % self.capacity] = states[keep]
-        self.count += keep.long()
+        self.latents[rows, (self.steps[keep] // self.every) % self.capacity] = states[keep]
         self.steps += 1
 
     def reset(self, done: torch.Tensor | None = None) -> None:
         """Forget every trail, or those where done: (B,) is True."""
         if done is None or self.latents is None:
-            self.latents = self.count = self.steps = None
+            self.latents = self.steps = None
             return
         done = done.to(self.latents.device)
         self.latents[done] = self.FAR
-        self.count[done] = 0
         self.steps[done] = 0
 
     def view(self) -> torch.Tensor | None:
