@@ -83,8 +83,9 @@ class Agent:
         return decision.actions.numpy(), percept, task, plan, decision
 
     def reset(self, done: torch.Tensor | None = None) -> None:
-        """A new episode, everywhere or where done: (B,) is True: no warm start, no trail."""
+        """A new episode, everywhere or where done: (B,) is True: no warm start, no trail, no stall."""
         self.actor.reset(done)
+        self.configurator.reset(done)
         if self.trail is not None:
             self.trail.reset(done)
 

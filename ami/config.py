@@ -179,6 +179,11 @@ class ConfiguratorConfig:
     auto_mode1_error: float = 0.01  # imitation MSE below which "auto" hands over to mode1
     # Non-guardrail weight overrides by term name; guardrails cannot be listed here.
     weights: dict[str, float] = field(default_factory=dict)
+    # With a goal and a boredom term (inert without one): each step the latent goal distance has not fallen
+    # by stall_margin below its best this episode adds 1 / stall_patience to the factor on the boredom
+    # weight (0 = off).
+    stall_patience: int = 0
+    stall_margin: float = 0.25
 
 
 @dataclass
@@ -366,6 +371,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"agent.cost.goal.critic_expectile={a.cost.goal.critic_expectile!r}: expected a "
                           "number in (0, 1)")
     _choice("agent.configurator.mode", a.configurator.mode, ("mode1", "mode2", "auto"))
+    if a.configurator.stall_patience < 0:
+        raise ConfigError(f"agent.configurator.stall_patience={a.configurator.stall_patience}: expected steps >= 0 "
+                          "(0 turns the stall rule off)")
+    if a.configurator.stall_margin < 0:
+        raise ConfigError(f"agent.configurator.stall_margin={a.configurator.stall_margin}: expected a latent "
+                          "distance >= 0")
     _choice("agent.shield.fallback", a.shield.fallback, ("zero", "brake"))
     _choice("agent.shield.ego.kind", a.shield.ego.kind, ("none", "point_mass"))
     if a.shield.fallback == "brake" and a.shield.ego.kind == "none":

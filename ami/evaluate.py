@@ -43,16 +43,18 @@ class EvalResult:
 
 @contextmanager
 def fresh_plans(agent: Agent) -> Iterator[None]:
-    """Plan without the training episode's warm start and trail, and give them back afterwards, so that
-    evaluation leaves training exactly as it was."""
-    saved = agent.actor.previous, agent.trail
+    """Plan without the training episode's warm start, trail and stall count, and give them back
+    afterwards, so that evaluation leaves training exactly as it was."""
+    configurator = agent.configurator
+    saved = agent.actor.previous, agent.trail, configurator.best_distance, configurator.stalled_steps
     agent.actor.reset()
+    configurator.reset()
     if agent.trail is not None:
         agent.trail = EpisodeTrail(agent.trail.capacity, agent.trail.latent_dim, agent.trail.every)
     try:
         yield
     finally:
-        agent.actor.previous, agent.trail = saved
+        agent.actor.previous, agent.trail, configurator.best_distance, configurator.stalled_steps = saved
 
 
 def run_episodes(policy: Callable[[np.ndarray], np.ndarray], env_config: EnvConfig, episodes: int,

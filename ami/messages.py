@@ -40,6 +40,7 @@ class Task:
     mode: str
     goal: torch.Tensor | None = None
     visited: torch.Tensor | None = None  # (B, V, D): the episode's trail, for the boredom term
+    boredom_scale: torch.Tensor | None = None  # (B,): the factor on the boredom weight (None: 1)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ class PlanEnergy:
 
     E = sum_t gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)] + w_v gamma^H TC_value(s_H)
         + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g) + w_c steps(s_H, g)
-        + (with the episode's trail V) w_b sum_{t=1..H} boredom(s_t, V)
+        + (with the episode's trail V) w_b k sum_{t=1..H} boredom(s_t, V)
 
     d is a latent distance or the goal critic's steps (GoalConfig.metric); w_c the critic_final_weight;
-    w_b the boredom_weight (modules.cost.boredom).
+    w_b the boredom_weight (modules.cost.boredom), k the configurator's boredom scale (1 when it gives none).
     """
 
     def __init__(self, world_model: WorldModel, intrinsic_cost: IntrinsicCost,
@@ -58,10 +58,11 @@ class PlanEnergy:
     def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
                  use_step_head: bool, readout_offset: torch.Tensor,
                  observation: torch.Tensor, goal: torch.Tensor | None = None,
-                 visited: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 visited: torch.Tensor | None = None, boredom_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """state: (B, D), actions: (H, B, A), analytic_weights: (T,), readout_offset: (B, Q) added to
-        every readout, observation: (B, Q), goal: (B, D) or None, visited: (B, V, D) or None ->
-        (energy (B,), states (H+1, B, D))."""
+        every readout, observation: (B, Q), goal: (B, D) or None, visited: (B, V, D) or None,
+        boredom_scale: (B,) or None -> (energy (B,), states (H+1, B, D))."""
         horizon = actions.shape[0]
         states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
         quantities = self.world_model.readout(states[:-1]) + readout_offset
@@ -85,7 +86,10 @@ class PlanEnergy:
                     else self.goal_critic.steps(states[-1], goal)
                 energy = energy + self.goal_config.critic_final_weight * steps
         if visited is not None and self.boredom_weight:
-            energy = energy + self.boredom_weight * boredom(states[1:], visited, self.boredom_radius).sum(0)
+            bored = boredom(states[1:], visited, self.boredom_radius).sum(0)
+            if boredom_scale is not None:
+                bored = boredom_scale * bored
+            energy = energy + self.boredom_weight * bored
         return energy, states
 
     def goal_distance(self, states: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
@@ -96,26 +100,27 @@ class PlanEnergy:
 
     def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
                 use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
-                goal: torch.Tensor | None, visited: torch.Tensor | None
+                goal: torch.Tensor | None, visited: torch.Tensor | None, boredom_scale: torch.Tensor | None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         energy, states = self(state, actions, analytic_weights, use_step_head, readout_offset, observation, goal,
-                              visited)
+                              visited, boredom_scale)
         return energy.sum(), (energy, states)
 
     def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
                        use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
-                       goal: torch.Tensor | None = None, visited: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       goal: torch.Tensor | None = None, visited: torch.Tensor | None = None,
+                       boredom_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
         the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
             return autograd_energy_and_grad(
-                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation, goal, visited),
+                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation, goal, visited,
+                                  boredom_scale),
                 state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
             grad, (_, (energy, states)) = self._compiled_value_and_grad(
                 actions.detach(), state.detach(), analytic_weights, use_step_head, readout_offset, observation,
-                goal, visited)
+                goal, visited, boredom_scale)
         return energy, grad, states
 
     def compile(self) -> None:
@@ -135,10 +140,11 @@ class PlanEnergy:
 
     def bind(self, weights: torch.Tensor, readout_offset: torch.Tensor | None = None,
              observation: torch.Tensor | None = None, goal: torch.Tensor | None = None,
-             visited: torch.Tensor | None = None) -> BoundEnergy:
+             visited: torch.Tensor | None = None, boredom_scale: torch.Tensor | None = None) -> BoundEnergy:
         """The energy for one task's weights: (T,), and one batch's readout offset and observation:
-        (B, Q) each (WorldModel.readout_offset; zeros when None), latent goal: (B, D) or None, and the
-        episode's trail of visited latents: (B, V, D) or None (memory.EpisodeTrail)."""
+        (B, Q) each (WorldModel.readout_offset; zeros when None), latent goal: (B, D) or None, the
+        episode's trail of visited latents: (B, V, D) or None (memory.EpisodeTrail), and the configurator's
+        factor on the boredom weight: (B,) or None (1)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
         if self.first_action_cost is not None and observation is None:
@@ -148,7 +154,7 @@ class PlanEnergy:
             raise ValueError("agent.cost.goal.metric='critic' and critic_final_weight need a trained goal critic: "
                              "train one with reward_free.critic_updates > 0, or use metric l2 with "
                              "critic_final_weight 0")
-        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation, goal, visited)
+        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation, goal, visited, boredom_scale)
 
 
 class BoundEnergy:
@@ -156,7 +162,8 @@ class BoundEnergy:
 
     def __init__(self, energy: PlanEnergy, analytic_weights: torch.Tensor, use_step_head: bool,
                  readout_offset: torch.Tensor | None = None, observation: torch.Tensor | None = None,
-                 goal: torch.Tensor | None = None, visited: torch.Tensor | None = None) -> None:
+                 goal: torch.Tensor | None = None, visited: torch.Tensor | None = None,
+                 boredom_scale: torch.Tensor | None = None) -> None:
         self.energy = energy
         self.analytic_weights = analytic_weights
         self.use_step_head = use_step_head
@@ -164,6 +171,7 @@ class BoundEnergy:
         self.observation = observation
         self.goal = goal
         self.visited = visited
+        self.boredom_scale = boredom_scale
 
     @staticmethod
     def _repeat(per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor | None:
@@ -179,7 +187,8 @@ class BoundEnergy:
 
     def _context(self, state: torch.Tensor) -> tuple:
         return (self.analytic_weights, self.use_step_head, self._rows(self.readout_offset, state),
-                self._rows(self.observation, state), self._repeat(self.goal, state), self._repeat(self.visited, state))
+                self._rows(self.observation, state), self._repeat(self.goal, state), self._repeat(self.visited, state),
+                self._repeat(self.boredom_scale, state))
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.energy._forward(state, actions, *self._context(state))
@@ -255,7 +264,7 @@ class Actor:
         if task.mode == "mode2" and (followed := self._follow(state.shape[0])) is not None:
             return followed
         energy_fn = self.energy.bind(weights, self.energy.world_model.readout_offset(percept), percept.observation,
-                                     task.goal, task.visited)
+                                     task.goal, task.visited, task.boredom_scale)
         proposal = self.policy.propose(state, self.energy.world_model, task.horizon)
         if task.mode == "mode1":
             start = time.perf_counter()

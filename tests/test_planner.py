@@ -195,19 +195,22 @@ def test_act_uses_shifted_previous_plan_as_first_candidate(make_agent):
 
 def test_compiled_energy_and_gradient_match_eager(make_agent):
     """torch.compile'd planning computes the same energy and action gradient as eager autograd, boredom
-    over a trail of visited latents included."""
+    over a trail of visited latents, scaled per env by the configurator's stall rule, included."""
     agent, cfg = make_agent("agent.actor.horizon=3", "agent.cost.boredom_weight=1.0", "agent.cost.boredom_radius=2.0")
     weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
     g = torch.Generator().manual_seed(0)
     state = agent.perception(torch.randn(5, 3, generator=g)).detach()
     actions = torch.rand(3, 5, 1, generator=g) * 2 - 1
     visited = state[:, None] + 0.5 * torch.randn(5, 4, state.shape[1], generator=g)  # (B, V, D) near the start
-    eager = agent.actor.energy.bind(weights, visited=visited)
+    scale = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.5])
+    eager = agent.actor.energy.bind(weights, visited=visited, boredom_scale=scale)
     eager_energy, eager_grad, eager_states = eager.value_and_grad(state, actions)
     eager_forward, _ = eager(state, actions)
-    assert (eager_forward > agent.actor.energy.bind(weights)(state, actions)[0]).all()  # the trail is priced
+    unscaled = agent.actor.energy.bind(weights, visited=visited)(state, actions)[0]
+    assert (unscaled > agent.actor.energy.bind(weights)(state, actions)[0]).all()  # the trail is priced
+    assert (eager_forward[scale > 1] > unscaled[scale > 1]).all()  # and the factor raises its price
     agent.actor.energy.compile()
-    compiled = agent.actor.energy.bind(weights, visited=visited)
+    compiled = agent.actor.energy.bind(weights, visited=visited, boredom_scale=scale)
     energy, grad, states = compiled.value_and_grad(state, actions)
     torch.testing.assert_close(states, eager_states, atol=1e-5, rtol=1e-5)
     forward, _ = compiled(state, actions)

@@ -38,6 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "horizon_40": ["agent.actor.horizon=40"],  # the previous preset: too short for the longest detours
     "no_screen": ["agent.actor.screen_samples=0"],  # fresh candidates drawn, not picked from many
     "no_boredom": ["agent.cost.boredom_weight=0.0"],  # the places the agent lingered in cost nothing more
+    "no_stall": ["agent.configurator.stall_patience=0"],  # the boredom weight stays put while progress stalls
     # With the goal critic (runs trained with reward_free.critic_updates > 0): its steps to go from the
     # plan's last state added to the energy, or its steps as the distance everywhere.
     "critic_final": ["agent.cost.goal.critic_final_weight=30.0"],

@@ -1,0 +1,78 @@
+"""The configurator's stall rule: while the goal distance stops falling, the boredom weight goes up."""
+
+import pytest
+import torch
+
+from ami.config import ConfigError, ConfiguratorConfig, load_config
+from ami.evaluate import fresh_plans
+from ami.goals import batched
+from modules.configurator import Configurator
+from tests.test_boredom import two_rooms_agent
+
+
+def configurator(patience: int, margin: float = 0.25) -> Configurator:
+    return Configurator(ConfiguratorConfig(stall_patience=patience, stall_margin=margin), {}, [], 8, 3)
+
+
+def test_stall_scale_counts_steps_without_progress_per_env() -> None:
+    rule = configurator(patience=2)
+    # env 0: 5 (first: progress), 5 and 4.9 (within the margin: stalled), 4.5 (progress), 4.5, 4.5.
+    # env 1 keeps falling by more than the margin: never stalled.
+    distances = [(5.0, 9.0), (5.0, 8.0), (4.9, 7.0), (4.5, 6.0), (4.5, 5.0), (4.5, 4.0)]
+    scales = [rule.stall_scale(torch.tensor(step)).tolist() for step in distances]
+    assert scales == [[1.0, 1.0], [1.5, 1.0], [2.0, 1.0], [1.0, 1.0], [1.5, 1.0], [2.0, 1.0]]
+    rule.reset(torch.tensor([True, False]))  # env 0 starts a new episode: its first step is progress again
+    assert rule.stall_scale(torch.tensor([9.0, 4.0])).tolist() == [1.0, 1.5]
+    rule.reset()
+    assert rule.best_distance is None and rule.stalled_steps is None
+
+
+def test_plan_energy_scales_only_the_boredom_term_per_env() -> None:
+    agent, _ = two_rooms_agent("agent.cost.boredom_weight=2.0", "agent.cost.boredom_radius=1.5")
+    weights = torch.zeros(len(agent.cost.intrinsic.term_names))
+    g = torch.Generator().manual_seed(0)
+    state, goal = torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g)
+    actions = (torch.rand(6, 2, 2, generator=g) * 2 - 1).requires_grad_(True)
+    plain, states = agent.actor.energy.bind(weights, goal=goal)(state, actions)
+    visited = states[2:5].detach().transpose(0, 1)  # (B, 3, D): where this plan passes
+    bored, _ = agent.actor.energy.bind(weights, goal=goal, visited=visited)(state, actions)
+    scale = torch.tensor([1.0, 3.0])
+    scaled, _ = agent.actor.energy.bind(weights, goal=goal, visited=visited, boredom_scale=scale)(state, actions)
+    torch.testing.assert_close(scaled - plain, scale * (bored - plain), rtol=1e-4, atol=1e-4)
+    assert torch.autograd.grad(scaled.sum(), actions)[0].abs().sum() > 0
+    # A planner's candidates (B * N rows) each see their own env's factor.
+    rows = agent.actor.energy.bind(weights, goal=goal, visited=visited, boredom_scale=scale)
+    energy_rows, _ = rows(state.repeat_interleave(3, 0), actions.detach().repeat_interleave(3, 1))
+    torch.testing.assert_close(energy_rows, scaled.detach().repeat_interleave(3, 0))
+
+
+def test_agent_raises_boredom_while_it_stands_still_and_forgets_on_reset() -> None:
+    agent, env = two_rooms_agent("agent.cost.boredom_weight=1.0", "agent.configurator.stall_patience=4")
+    obs, _ = env.reset(seed=0)
+    g = torch.Generator().manual_seed(0)
+    scales = []
+    for _ in range(3):  # the dot never moves: the same distance every step
+        _, _, task, _, _ = agent.act(batched(obs), generator=g)
+        scales.append(task.boredom_scale.tolist())
+    assert scales == [[1.0], [1.25], [1.5]]
+    with fresh_plans(agent):  # evaluation starts its own count and gives training's back
+        _, _, task, _, _ = agent.act(batched(obs), generator=g)
+        assert task.boredom_scale.tolist() == [1.0]
+    _, _, task, _, _ = agent.act(batched(obs), generator=g)
+    assert task.boredom_scale.tolist() == [1.75]
+    agent.reset()
+    _, _, task, _, _ = agent.act(batched(obs), generator=g)
+    assert task.boredom_scale.tolist() == [1.0]
+    off, _ = two_rooms_agent("agent.cost.boredom_weight=1.0", "agent.configurator.stall_patience=0")
+    _, _, task, _, _ = off.act(batched(obs), generator=g)
+    assert task.boredom_scale is None
+    no_boredom, _ = two_rooms_agent("agent.cost.boredom_weight=0.0", "agent.configurator.stall_patience=4")
+    _, _, task, _, _ = no_boredom.act(batched(obs), generator=g)
+    assert task.boredom_scale is None  # nothing to raise
+    env.close()
+
+
+@pytest.mark.parametrize("override", ["agent.configurator.stall_patience=-1", "agent.configurator.stall_margin=-0.1"])
+def test_bad_stall_settings_name_the_key(override: str) -> None:
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(["env=two_rooms", override])
