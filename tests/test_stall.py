@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from test_boredom import two_rooms_agent
 
 from ami.config import ConfigError, ConfiguratorConfig, load_config
 from ami.evaluate import fresh_plans
 from ami.goals import batched
 from modules.configurator import Configurator
-from tests.test_boredom import two_rooms_agent
 
 
 def configurator(patience: int, margin: float = 0.25) -> Configurator:
