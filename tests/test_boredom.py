@@ -1,9 +1,12 @@
 """Boredom: the episode's trail of latents (short-term memory) and the cost of lingering near it."""
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ami.agent import Agent
 from ami.build import build_agent
 from ami.config import ConfigError, load_config
 from ami.envs import make_env
@@ -68,7 +71,22 @@ def test_boredom_is_the_kernel_sum_and_empty_slots_add_nothing() -> None:
     torch.testing.assert_close(boredom(here[None], torch.stack([here] * 3, dim=1), 1e-3), torch.full((1, 2), 3.0))
 
 
-def test_plan_energy_adds_boredom_over_the_plan_and_its_gradient_leaves_the_trail() -> None:
+class BoredPlan(NamedTuple):
+    """One plan of 2 envs priced with boredom (weight 2, radius 1.5) and without, over a trail of 3 of its
+    own imagined states per env."""
+
+    agent: Agent
+    weights: torch.Tensor  # (T,) all zero: the goal and boredom terms alone
+    state: torch.Tensor  # (B, D)
+    goal: torch.Tensor  # (B, D)
+    actions: torch.Tensor  # (H, B, A), requires grad
+    plain: torch.Tensor  # (B,) energy without a trail
+    states: torch.Tensor  # (H + 1, B, D)
+    visited: torch.Tensor  # (B, 3, D)
+    bored: torch.Tensor  # (B,) energy with the trail
+
+
+def bored_plan() -> BoredPlan:
     agent, _ = two_rooms_agent("agent.cost.boredom_weight=2.0", "agent.cost.boredom_radius=1.5")
     weights = torch.zeros(len(agent.cost.intrinsic.term_names))
     g = torch.Generator().manual_seed(0)
@@ -77,6 +95,11 @@ def test_plan_energy_adds_boredom_over_the_plan_and_its_gradient_leaves_the_trai
     plain, states = agent.actor.energy.bind(weights, goal=goal)(state, actions)
     visited = states[2:5].detach().transpose(0, 1)  # (B, 3, D): where this plan passes
     bored, _ = agent.actor.energy.bind(weights, goal=goal, visited=visited)(state, actions)
+    return BoredPlan(agent, weights, state, goal, actions, plain, states, visited, bored)
+
+
+def test_plan_energy_adds_boredom_over_the_plan_and_its_gradient_leaves_the_trail() -> None:
+    agent, weights, state, goal, actions, plain, states, visited, bored = bored_plan()
     torch.testing.assert_close(bored - plain, 2.0 * boredom(states[1:], visited, 1.5).sum(0), rtol=1e-4, atol=1e-4)
     assert ((bored - plain) > 2.0 * 3).all()  # at least one per visited state it passes through
     assert torch.autograd.grad((bored - plain).sum(), actions)[0].abs().sum() > 0

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_boredom import two_rooms_agent
+from test_boredom import bored_plan, two_rooms_agent
 
 from ami.config import ConfigError, ConfiguratorConfig, load_config
 from ami.evaluate import fresh_plans
@@ -28,14 +28,7 @@ def test_stall_scale_counts_steps_without_progress_per_env() -> None:
 
 
 def test_plan_energy_scales_only_the_boredom_term_per_env() -> None:
-    agent, _ = two_rooms_agent("agent.cost.boredom_weight=2.0", "agent.cost.boredom_radius=1.5")
-    weights = torch.zeros(len(agent.cost.intrinsic.term_names))
-    g = torch.Generator().manual_seed(0)
-    state, goal = torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g)
-    actions = (torch.rand(6, 2, 2, generator=g) * 2 - 1).requires_grad_(True)
-    plain, states = agent.actor.energy.bind(weights, goal=goal)(state, actions)
-    visited = states[2:5].detach().transpose(0, 1)  # (B, 3, D): where this plan passes
-    bored, _ = agent.actor.energy.bind(weights, goal=goal, visited=visited)(state, actions)
+    agent, weights, state, goal, actions, plain, _, visited, bored = bored_plan()
     scale = torch.tensor([1.0, 3.0])
     scaled, _ = agent.actor.energy.bind(weights, goal=goal, visited=visited, boredom_scale=scale)(state, actions)
     torch.testing.assert_close(scaled - plain, scale * (bored - plain), rtol=1e-4, atol=1e-4)
