@@ -1,32 +1,35 @@
-"""The agent: six modules composed by injection, and the perception-action loop."""
+"""The agent: six modules composed by injection, and one step of the perception-action cycle."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
-from ami.messages import Percept, Plan, Record, ShieldDecision, Task
-from modules.actor import Actor
+from ami.messages import Action, Percept, Plan, Record, Step
+from modules.actor import Actor, ActorEpisodes
 from modules.configurator import Configurator
 from modules.cost import Cost
 from modules.memory import EpisodeTrail, ShortTermMemory
-from modules.perception import Perception
+from modules.nn import Repairs
+from modules.perception import ImagePerception, Perception
 from modules.shield import Shield
 from modules.world_model import WorldModel
 
 
 class Agent:
-    """obs -perception-> Percept -configurator-> Task -actor-> Plan -shield-> action; real
-    transitions -intrinsic cost-> terms -memory-> Record."""
+    """obs -perception-> Percept -configurator-> Task -actor-> Plan -shield-> action, batched over B
+    environments; real transitions -intrinsic cost-> terms -memory-> one Record per environment."""
 
-    def __init__(self, perception: Perception, world_model: WorldModel, cost: Cost,
+    def __init__(self, perception: Perception | ImagePerception, world_model: WorldModel, cost: Cost,
                  memory: ShortTermMemory, actor: Actor, configurator: Configurator, shield: Shield,
-                 device: torch.device, exploration_std: float = 0.0, trail: EpisodeTrail | None = None) -> None:
-        """trail: the short-term memory of this episode's latents, kept when the cost has a boredom term."""
+                 device: torch.device, exploration_std: float = 0.0, trail: EpisodeTrail | None = None,
+                 repairs: Repairs | None = None) -> None:
+        """trail: the short-term memory of this episode's latents, kept when the cost has a boredom term.
+        repairs: where every module counts the values it mends (shared with the actor and its planner)."""
         self.perception = perception
         self.world_model = world_model
         self.cost = cost
@@ -37,92 +40,127 @@ class Agent:
         self.device = device
         self.exploration_std = exploration_std
         self.trail = trail
+        self.repairs = repairs or Repairs()
         # The world model's predictions are checked only once it has learned something; until then
         # the shield rests on the ego model alone. The learner turns this on with its first update.
         self.world_model_trained = False
 
-    def perceive(self, obs: np.ndarray | Mapping[str, np.ndarray]) -> Percept:
-        """obs: (B, obs_dim) vectors, (B, H, W, C) images, or a dict of "image" with an optional "goal" image and
-        "vector" -> Percept with state (B, D), goal (B, D) when there is one, and the observation's named
-        quantities (B, Q) (an image has none)."""
-        device = self.device
-        if not isinstance(obs, Mapping) and np.ndim(obs) != 4:
-            observation = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            with torch.no_grad():
-                return Percept(self.perception(observation), observation=observation)
-        parts = obs if isinstance(obs, Mapping) else {"image": obs}
-        image = torch.as_tensor(parts["image"], device=device)
-        vector = torch.as_tensor(parts["vector"], dtype=torch.float32, device=device) if "vector" in parts \
-            else torch.zeros(image.shape[0], 0, device=device)
-        with torch.no_grad():
-            state = self.perception(image, vector if "vector" in parts else None)
-            goal = None
-            if "goal" in parts:  # the goal is an observation like any other: same encoder, same space
-                goal_vector = torch.zeros_like(vector) if "vector" in parts else None
-                goal = self.perception(torch.as_tensor(parts["goal"], device=device), goal_vector)
-        return Percept(state, goal, vector)
-
-    def act(self, obs: np.ndarray, explore: bool = False, generator: torch.Generator | None = None
-            ) -> tuple[np.ndarray, Percept, Task, Plan, ShieldDecision]:
-        """obs: (B, obs_dim) -> actions (B, A) in [-1, 1], and the messages that produced them."""
-        percept = self.perceive(obs)
+    # -- one step of the cycle ------------------------------------------------------------------------------
+    def act(self, obs: Any, explore: bool = False, random: bool = False,
+            generator: torch.Generator | None = None) -> Action:
+        """obs: (B, ...) -> the actions to send (B, A) in [-1, 1], and the messages that chose them. random: uniform
+        proposals instead of a plan (the seed phase), shielded like any other."""
+        percept = self.perceive(obs, with_goal=not random)  # random proposals aim at nothing
         if self.trail is not None:
             self.trail.add(percept.state)
-        task = self.configurator.configure(percept, None if self.trail is None else self.trail.view())
-        weights = self.cost.intrinsic.weight_vector(task.weights).to(self.device)
-        plan = self.actor.act(percept, task, weights, generator)
-        action = plan.actions[0].detach().cpu()
-        if explore and self.exploration_std > 0:
-            action = action + self.exploration_std * torch.randn(action.shape, generator=generator)
-        # Whatever the planner produced, what leaves the agent is finite, in bounds, and shielded.
-        action = torch.nan_to_num(action, nan=0.0).clamp(-1.0, 1.0)
-        order = plan.candidate_energy.argsort(dim=1)  # the shield prefers the planner's best candidates
-        alternatives = plan.candidates[0].gather(1, order[..., None].expand(-1, -1, plan.candidates.shape[-1]))
-        decision = self.shield_actions(percept.observation.cpu().numpy(), action.numpy(), percept,
-                                       alternatives.detach())
-        return decision.actions.numpy(), percept, task, plan, decision
+        task = self.configurator.configure(percept, None if self.trail is None else self.trail.view(), random)
+        plan = self.actor.act(percept, task, generator)
+        self.configurator.report(plan)
+        proposed = self._first_action(plan, explore, generator)
+        decision = self.shield.filter(percept.observation, proposed,
+                                      percept.state if self.world_model_trained else None,
+                                      self._alternatives(plan), percept.readout_offset)
+        return Action(decision.actions.cpu().numpy(), percept, task, plan, decision)
 
-    def reset(self, done: torch.Tensor | None = None) -> None:
+    def perceive(self, obs: Any, with_goal: bool = True) -> Percept:
+        """obs: (B, obs_dim) vectors, (B, H, W, C) images, or a dict of "image" with an optional "goal" image and
+        "vector" -> Percept with state (B, D), goal (B, D) when there is one (and with_goal), the, the observation's
+        named quantities (B, Q) (an image has none) and the readout offset. The observation crosses to the device
+        once here."""
+        device = self.device
+        with torch.no_grad():
+            if not isinstance(obs, Mapping) and np.ndim(obs) != 4:
+                quantities = torch.as_tensor(obs, dtype=torch.float32, device=device)
+                state, goal = self.perception(quantities), None
+            else:
+                parts = obs if isinstance(obs, Mapping) else {"image": obs}
+                image = torch.as_tensor(parts["image"], device=device)
+                vector = torch.as_tensor(parts["vector"], dtype=torch.float32, device=device) \
+                    if "vector" in parts else None
+                quantities = torch.zeros(image.shape[0], 0, device=device) if vector is None else vector
+                state = self.perception(image, vector)
+                if "goal" in parts and with_goal:  # the goal is an observation like any other: same encoder, same space
+                    goal_vector = None if vector is None else torch.zeros_like(vector)
+                    goal = self.perception(torch.as_tensor(parts["goal"], device=device), goal_vector)
+                else:
+                    goal = None
+            if quantities.shape[-1]:
+                self.repairs.count("clipped_observations", self.perception.normalizer.repaired(quantities))
+            percept = Percept(state, goal, quantities)
+            return Percept(state, goal, quantities, self.world_model.readout_offset(percept))
+
+    def _first_action(self, plan: Plan, explore: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, A): the plan's first action, with exploration noise while training; whatever the planner produced,
+        what goes to the shield is finite and in bounds (a NaN entry is sent as 0, and counted)."""
+        action = plan.actions[0].detach()
+        if explore and self.exploration_std > 0 and plan.mode != "random":
+            action = action + self.exploration_std * torch.randn(action.shape, generator=generator).to(action.device)
+        self.repairs.count("nan_actions", ~torch.isfinite(action))
+        return torch.nan_to_num(action, nan=0.0).clamp(-1.0, 1.0)
+
+    @staticmethod
+    def _alternatives(plan: Plan) -> torch.Tensor:
+        """(B, N, A) the plan's candidates' first actions, best first: the shield's replacements."""
+        order = plan.candidate_energy.argsort(dim=1)
+        first = plan.candidates[0].detach()
+        return first.gather(1, order[..., None].expand(-1, -1, first.shape[-1]))
+
+    def observe(self, step: Step) -> Record:
+        """Score each environment's real transition with the intrinsic cost and write it to memory. Images are
+        stored as they came (uint8), a dict observation as its image and vector (its goal is the task's, not the
+        world's); a dropped transition closes its environment's stretch in memory."""
+        valid = torch.as_tensor(step.valid)
+        obs, vector = storable_observation(step.obs)
+        next_obs, next_vector = storable_observation(step.next_obs)
+        if vector is not None:
+            quantities = vector
+        elif obs.dtype == torch.uint8:
+            quantities = torch.zeros(obs.shape[0], 0)
+        else:
+            quantities = obs
+        action = torch.as_tensor(step.action.actions, dtype=torch.float32)
+        reward = torch.as_tensor(step.reward, dtype=torch.float32)
+        terms = self.cost.intrinsic.real_terms(quantities, action, reward, step.info)
+        if quantities.shape[-1] and valid.any():
+            self.perception.normalizer.update(quantities[valid])
+        percept, plan = step.action.percept, step.action.plan
+        record = Record(obs, next_obs, percept.state.detach().cpu(), action, plan.actions[0].detach().cpu(),
+                        torch.full_like(valid, plan.mode == "mode2"), reward, terms,
+                        torch.as_tensor(step.terminated), torch.as_tensor(step.truncated),
+                        plan.energy_after.detach().float().cpu(), torch.as_tensor(step.episode),
+                        torch.as_tensor(step.env_step), vector, next_vector)
+        self.memory.write(record, valid)
+        if step.dropped.any():
+            self.memory.end_segments(torch.as_tensor(step.dropped), obs, vector)
+        return record
+
+    # -- episodes ------------------------------------------------------------------------------------------
+    def reset(self, done: torch.Tensor | np.ndarray | None = None) -> None:
         """A new episode, everywhere or where done: (B,) is True: no warm start, no trail, no stall."""
+        done = None if done is None else torch.as_tensor(done)
         self.actor.reset(done)
         self.configurator.reset(done)
         if self.trail is not None:
             self.trail.reset(done)
 
-    def shield_actions(self, obs: np.ndarray, proposed: np.ndarray, percept: Percept | None = None,
-                       alternatives: torch.Tensor | None = None) -> ShieldDecision:
-        """obs: (B, obs_dim), proposed: (B, A) -> the shield's decision on sending them, on the CPU.
-        Random seed-phase actions and exploration noise pass through here as well as plans.
-        alternatives: (B, N, A) the planner's other first actions, best first."""
-        device = self.device
-        latent = offset = None
-        if self.world_model_trained:
-            percept = percept or self.perceive(obs)
-            latent, offset = percept.state.detach(), self.world_model.readout_offset(percept)
-        decision = self.shield.filter(
-            torch.as_tensor(obs, dtype=torch.float32, device=device),
-            torch.as_tensor(proposed, dtype=torch.float32, device=device), latent,
-            None if alternatives is None else alternatives.to(device), offset)
-        return ShieldDecision(*(getattr(decision, field.name).cpu() for field in dataclasses.fields(decision)))
+    @contextmanager
+    def fresh_episodes(self) -> Iterator[None]:
+        """Act in episodes of their own (evaluation beside a training episode): no warm start, held plan, trail
+        or stall count of the training episodes, which get theirs back afterwards, untouched."""
+        saved = self.actor.episodes, self.configurator.state, self.trail
+        self.actor.episodes = ActorEpisodes()
+        self.configurator.state = self.configurator.state.fresh_episodes()
+        self.trail = None if self.trail is None else self.trail.fresh()
+        try:
+            yield
+        finally:
+            self.actor.episodes, self.configurator.state, self.trail = saved
 
-    def observe(self, step: int, episode: int, obs: np.ndarray, action: np.ndarray, reward: float,
-                next_obs: np.ndarray, terminated: bool, truncated: bool, info: Mapping[str, Any],
-                latent: torch.Tensor, planned: bool, plan_energy: float = float("nan")) -> Record:
-        """Score one real transition with the intrinsic cost and write it to memory. An image observation
-        is stored as it came (uint8); it has no named quantities for the analytic terms."""
-        action_t = torch.as_tensor(action, dtype=torch.float32)
-        if isinstance(obs, Mapping) or np.ndim(obs) == 3:
-            if isinstance(obs, Mapping) and set(obs) - {"image", "goal"}:
-                raise ValueError(f"observation keys {sorted(obs)}: memory stores the image (and ignores a goal); "
-                                 "a dict observation's 'vector' is not stored")
-            image, next_image = (obs["image"], next_obs["image"]) if isinstance(obs, Mapping) else (obs, next_obs)
-            obs_t, next_t, quantities = torch.as_tensor(image), torch.as_tensor(next_image), torch.zeros(0)
-        else:
-            obs_t = quantities = torch.as_tensor(obs, dtype=torch.float32)
-            next_t = torch.as_tensor(next_obs, dtype=torch.float32)
-            self.perception.normalizer.update(obs_t[None])
-        terms = self.cost.intrinsic.real_terms(quantities, action_t, reward, info)
-        record = Record(step, episode, obs_t, next_t, latent.detach().cpu().reshape(-1), action_t, float(reward),
-                        terms, bool(terminated), bool(truncated), planned, plan_energy)
-        self.memory.write(record)
-        return record
+
+def storable_observation(obs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An observation batch as memory keeps it: (the vector or image, a dict observation's vector or None)."""
+    if isinstance(obs, Mapping):
+        vector = obs.get("vector")
+        return torch.as_tensor(obs["image"]), None if vector is None else torch.as_tensor(vector, dtype=torch.float32)
+    obs = np.asarray(obs)
+    return torch.as_tensor(obs) if obs.dtype == np.uint8 else torch.as_tensor(obs, dtype=torch.float32), None

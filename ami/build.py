@@ -7,12 +7,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ami.agent import Agent
-from ami.config import AgentConfig
+from ami.config import ActorConfig, AgentConfig
 from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
 from modules.cost import Cost, GoalCritic, IntrinsicCost, TrainableCritic
 from modules.memory import EpisodeTrail, ShortTermMemory
+from modules.nn import Repairs
 from modules.perception import ImagePerception, Perception
+from modules.planners import GradientPlanner, MPPIPlanner
 from modules.shield import Shield
 from modules.world_model import WorldModel
 
@@ -31,6 +33,12 @@ def as_dataclass(cfg: DictConfig) -> AgentConfig:
     return OmegaConf.to_object(cfg)
 
 
+def build_planner(config: ActorConfig, repairs: Repairs | None = None) -> GradientPlanner | MPPIPlanner:
+    """The configured planner (agent.actor.planner), for the actor or for any energy (a true-dynamics oracle)."""
+    planner = GradientPlanner if config.planner == "gradient" else MPPIPlanner
+    return planner(config, repairs)
+
+
 def build_perception(observation: int | gym.Space, config: AgentConfig) -> Perception | ImagePerception:
     """observation: a vector's size, or the observation space (a flat Box, a uint8 image Box, or a Dict of
     "image", optional "goal" and optional "vector")."""
@@ -46,8 +54,10 @@ def build_perception(observation: int | gym.Space, config: AgentConfig) -> Perce
 
 
 def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: int,
-                observation_names: list[str], device: torch.device) -> Agent:
-    """observation: the observation space, or a vector observation's size."""
+                observation_names: list[str], device: torch.device, num_envs: int = 1) -> Agent:
+    """observation: the observation space, or a vector observation's size; num_envs: the environments acting at
+    once in training (short-term memory keeps one stream each)."""
+    repairs = Repairs()
     perception = build_perception(observation, config).to(device)
     latent_dim = config.perception.latent_dim
     world_model = WorldModel(latent_dim, action_dim, observation_names, config.world_model).to(device)
@@ -56,12 +66,12 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
     has_goal = isinstance(observation, gym.spaces.Dict) and "goal" in observation.spaces
     goal_critic = GoalCritic(latent_dim, config.cost.goal).to(device) if has_goal else None
     cost = Cost(intrinsic, critic, goal_critic)
-    if isinstance(perception, ImagePerception):  # memory keeps the image, as uint8
-        memory = ShortTermMemory(perception.image_shape, action_dim, latent_dim, len(intrinsic.term_names),
-                                 config.memory, torch.uint8)
+    terms = len(intrinsic.term_names)
+    if isinstance(perception, ImagePerception):  # memory keeps the image, as uint8, and a dict's vector
+        memory = ShortTermMemory(perception.image_shape, action_dim, latent_dim, terms, num_envs, config.memory,
+                                 torch.uint8, perception.vector_dim)
     else:
-        memory = ShortTermMemory(perception.obs_dim, action_dim, latent_dim, len(intrinsic.term_names),
-                                 config.memory)
+        memory = ShortTermMemory(perception.obs_dim, action_dim, latent_dim, terms, num_envs, config.memory)
     policy = Policy(latent_dim, action_dim, config.actor).to(device)
     shield = Shield(config.shield, intrinsic, world_model, observation_names, action_dim)
     guide = shield.planning_cost if shield.active and shield.ego is not None and config.shield.guide_planner else None
@@ -69,13 +79,13 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
                         config.cost.goal, goal_critic, config.cost.boredom_weight, config.cost.boredom_radius)
     if config.actor.compile:
         energy.compile()
-    actor = Actor(policy, energy, action_dim, config.actor)
+    actor = Actor(policy, energy, build_planner(config.actor, repairs), action_dim, config.actor, repairs)
     configurator = Configurator(config.configurator, intrinsic.default_weights, intrinsic.guardrail_names,
-                                config.actor.horizon, config.actor.iterations)
+                                config.actor.horizon, config.actor.iterations, device)
     trail = EpisodeTrail(config.memory.trail_capacity, latent_dim, config.memory.trail_every) \
         if config.cost.boredom_weight else None
     return Agent(perception, world_model, cost, memory, actor, configurator, shield, device,
-                 config.actor.exploration_std, trail)
+                 config.actor.exploration_std, trail, repairs)
 
 
 def parameter_counts(agent: Agent) -> dict[str, int]:

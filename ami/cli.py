@@ -6,13 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ami.checkpoint import CheckpointError
 from ami.config import ConfigError, available, load_config, load_saved
+from ami.envs import UnsupportedEnvError
+from ami.learner import NonFiniteLossError
+from ami.loop import NonFiniteError
 from modules.cost import GuardrailError
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # the command, its configuration or its files are wrong
+EXIT_STOPPED = 1  # a run stopped on data it cannot use (a non-finite observation, reward or loss)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,14 +43,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="eager, torch.compile, or both side by side")
     planner.add_argument("--device", default="auto")
     planner.add_argument("--out", default=None, help="output folder (default runs/bench/planner__<stamp>)")
-    control = bench.add_parser("control", help="sample efficiency: ami vs SAC or vs its MPPI planner")
+    control = bench.add_parser("control", help="sample efficiency: ami vs SAC, its MPPI planner or another setting")
     control.add_argument("overrides", nargs="*", help="config overrides for ami, as for train")
     control.add_argument("--env", default="pendulum", help="an env preset under configs/env/")
     control.add_argument("--steps", type=int, default=3000)
     control.add_argument("--peer-steps", type=int, default=None,
                          help="the peer's env steps, when longer than ami's (default: --steps)")
     control.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    control.add_argument("--vs", choices=("sac", "mppi", "none"), default="sac")
+    control.add_argument("--vs", default="sac", metavar="PEER",
+                         help="sac, mppi, none, or overrides KEY=VALUE[,KEY=VALUE] for a second ami run "
+                              "(train.num_envs=1, agent.configurator.mode=mode2, ...)")
+    control.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes")
     control.add_argument("--eval-every", type=int, default=500)
     control.add_argument("--episodes", type=int, default=10)
     control.add_argument("--threshold", type=float, default=None, help="return to reach (steps-to table)")
@@ -107,14 +115,16 @@ def _bench(args: argparse.Namespace) -> int:
                    args.jobs)
         return 0
     if args.bench == "control":
-        for name in ("steps", "eval_every", "episodes", "peer_steps"):
+        for name in ("steps", "eval_every", "episodes", "peer_steps", "jobs"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
+        if args.vs not in control.PEERS:
+            load_config([*args.overrides, *args.vs.split(",")])  # a bad override fails here, naming its key
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / "bench" / f"control__{args.env}__{stamp}"
         control.run(args.env, args.steps, args.seeds, args.vs, args.eval_every, args.episodes, args.threshold,
                     args.overrides, out, not args.no_progress, args.oracle, tuple(args.mppi_budget),
-                    args.peer_steps)
+                    args.peer_steps, args.jobs)
         return 0
     if args.repeats < 1:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive number")
@@ -140,49 +150,36 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(overrides)
         run_dir = new_run_dir(cfg)
     print(OmegaConf.to_yaml(cfg), end="")
-    if cfg.reward_free.enabled:
-        return _train_reward_free(cfg, run_dir, bool(args.resume))
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     print(describe(trainer))
-    print(f"run directory: {run_dir}" + (f" (resuming at step {trainer.step})" if args.resume else ""))
-    trainer.train()
-    print(f"done: {trainer.step} steps; checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
-    print(f"evaluate with: ami eval {run_dir}")
-    return 0
-
-
-def _train_reward_free(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
-    from ami.reward_free import RewardFreeTrainer, describe
-
-    trainer = RewardFreeTrainer(cfg, run_dir, resume=resume)
-    print(describe(trainer))
-    print(f"run directory: {run_dir}" + (f" (resuming at update {trainer.updates})" if resume else ""))
+    unit = "update" if cfg.reward_free.enabled and trainer.learner.updates else "step"
+    print(f"run directory: {run_dir}" + (f" (resuming at {unit} {trainer.x_axis()})" if args.resume else ""))
     result = trainer.train()
-    print(f"done: {result['updates']} updates in {result['train_seconds']:.0f} s; "
+    print(f"done: {result['step']} env steps, {result['updates']} updates in {result['train_seconds']:.0f} s; "
           f"checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
-    print(f"plan to goals with: ami bench goals --runs {run_dir}")
+    if cfg.reward_free.enabled:
+        print(f"plan to goals with: ami bench goals --runs {run_dir}")
+    else:
+        print(f"evaluate with: ami eval {run_dir}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from ami.evaluate import EVAL_SEED, evaluate, record_video
-    from ami.train import Trainer
+    from ami.train import load_agent
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml there; expected an ami run directory")
     if args.episodes < 1:
         raise ConfigError(f"--episodes={args.episodes}: expected a positive number")
-    cfg = load_saved(run_dir / "config.yaml", ["progress=false"])
-    trainer = Trainer(cfg, run_dir, resume=True, read_only=True)
+    agent, cfg, step = load_agent(run_dir)
     seed = EVAL_SEED if args.seed is None else args.seed
-    result = evaluate(trainer.agent, cfg.env, args.episodes, seed)
-    print(f"{run_dir}: step {trainer.step}, {args.episodes} episodes from seed {seed}: "
+    result = evaluate(agent, cfg.env, args.episodes, seed)
+    print(f"{run_dir}: step {step}, {args.episodes} episodes from seed {seed}: "
           f"return {result.mean:.1f} ± {result.std:.1f} (min {result.returns.min():.1f}, "
           f"max {result.returns.max():.1f})")
     if args.video:
-        path = run_dir / "videos" / f"eval_step{trainer.step}_seed{seed}.mp4"
-        episode_return = record_video(trainer.agent, cfg.env, path, seed)
+        path = run_dir / "videos" / f"eval_step{step}_seed{seed}.mp4"
+        episode_return = record_video(agent, cfg.env, path, seed)
         print(f"video: {path} (return {episode_return:.1f})")
     return 0
 
@@ -192,12 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "bench": _bench}
         return commands[args.command](args)
-    except (OmegaConfBaseException, ConfigError, GuardrailError) as error:
+    except (OmegaConfBaseException, ConfigError, GuardrailError, UnsupportedEnvError) as error:
         print(f"ami: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except FileNotFoundError as error:
+    except (FileNotFoundError, CheckpointError) as error:
         print(f"ami: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except (NonFiniteError, NonFiniteLossError) as error:  # the run stopped; its last good checkpoint stays
+        print(f"ami: stopped: {error}", file=sys.stderr)
+        return EXIT_STOPPED
 
 
 if __name__ == "__main__":

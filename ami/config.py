@@ -32,6 +32,9 @@ class EnvConfig:
     image_size: int = 64
     frame_stack: int = 1
     grayscale: bool = False
+    # A non-finite observation or reward from the env: "error" stops the run with one line naming the env, the
+    # step and the field; "skip" drops that transition (counted in charts/nonfinite_dropped) and goes on.
+    nonfinite: str = "error"
 
 
 @dataclass
@@ -123,7 +126,9 @@ class CostConfig:
     critic_hidden_dim: int = 128
     critic_lr: float = 3e-4
     critic_tau: float = 0.01  # EMA rate of the critic's target network
-    value_weight: float = 1.0  # weight of the terminal value in the plan energy
+    # The plan's last imagined state is priced by the critic's value at this weight (in [0, 1]) and by the analytic
+    # terms at 1 - value_weight: 0 where the critic's value cannot be trusted (a goal that moves, a fall).
+    value_weight: float = 1.0
     # Cost per step, forever, after the env terminates an episode (a fall, a crash): the critic's
     # price of ending early. 0 suits envs whose termination is success or that never terminate.
     termination_cost: float = 0.0
@@ -161,6 +166,9 @@ class ActorConfig:
     # the best become the fresh candidates: sampling finds the basin, gradient steps descend it.
     screen_samples: int = 0
     exploration_std: float = 0.1  # Gaussian noise on executed actions while training
+    # Random proposals (the seed phase, reward-free collection) hold each uniform action for a geometric number
+    # of steps with this mean: 1 draws a new one every step; 8 crosses rooms and presses against walls.
+    random_hold: float = 1.0
     # Env steps each plan is followed before the next planning call (model-predictive control with
     # a receding horizon); 1 replans every step.
     replan_every: int = 1
@@ -175,8 +183,12 @@ class ActorConfig:
 
 @dataclass
 class ConfiguratorConfig:
-    mode: str = "mode2"  # "mode2", "mode1", or "auto" (mode1 once the policy imitates well)
-    auto_mode1_error: float = 0.01  # imitation MSE below which "auto" hands over to mode1
+    # "mode2" (plan every step), "mode1" (the policy alone), or "auto": Mode-1 acts alone while Mode-2 measures
+    # its proposals within mode1_gap of its own plans (relative plan energy), and Mode-2 takes back control once
+    # the gap passes twice that, measured by a Mode-2 plan every audit_every steps.
+    mode: str = "mode2"
+    mode1_gap: float = 0.05
+    audit_every: int = 10
     # Non-guardrail weight overrides by term name; guardrails cannot be listed here.
     weights: dict[str, float] = field(default_factory=dict)
     # With a goal and a boredom term (inert without one): each step the latent goal distance has not fallen
@@ -230,14 +242,17 @@ class AgentConfig:
 
 @dataclass
 class TrainConfig:
+    # Environments stepped at once (a gymnasium vector env): the agent plans for all of them in one batch. Every
+    # count below is in env steps over all of them.
+    num_envs: int = 1
     total_steps: int = 3000
-    seed_steps: int = 200  # uniformly random actions before the agent acts
+    seed_steps: int = 200  # random actions (shielded) before the agent plans
     pretrain_updates: int = 200  # update rounds on the seed data before the agent first acts
     update_every: int = 1  # env steps between update rounds
     updates_per_round: int = 1
     eval_every: int = 500
     eval_episodes: int = 10
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # a checkpoint at the first episode end after each multiple (or that many later)
     log_every: int = 100  # env steps between module-loss logs
 
 
@@ -247,9 +262,9 @@ class RewardFreeConfig:
     model only. `ami train` runs it instead of the agent loop when enabled."""
 
     enabled: bool = False
-    transitions: int = 200_000  # collected once, before training (regenerated from the seed on resume)
-    num_envs: int = 16  # gymnasium vector env for collection
-    action_hold: float = 8.0  # mean number of steps a random action is held (geometric)
+    # Random-action transitions collected first (train.num_envs at once; agent.actor.random_hold sets how long
+    # each action is held), all kept: agent.memory.capacity must hold them and one final frame per episode.
+    transitions: int = 200_000
     updates: int = 4000  # joint updates of encoder and predictor
     # Then the predictor alone on the frozen encoder's latents of the whole dataset, encoded once: many
     # cheap updates on long rollouts, where the joint phase pays for an image encoder at every step.
@@ -262,8 +277,10 @@ class RewardFreeConfig:
     critic_batch_size: int = 1024
     log_every: int = 250  # updates between scalar logs (latent health, probe)
     picture_every: int = 1000  # updates between planned-trajectory pictures
-    checkpoint_every: int = 500
-    probe_frames: int = 4000  # frames encoded for the linear probe and the nearest-frame bank
+    checkpoint_every: int = 1000  # updates between checkpoints (each holds the whole dataset)
+    # Frames of their own random-action episodes, with the env's true positions (info["position"]), for the
+    # linear probe and the nearest-frame bank.
+    probe_frames: int = 4000
 
 
 @dataclass
@@ -371,6 +388,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"agent.cost.goal.critic_expectile={a.cost.goal.critic_expectile!r}: expected a "
                           "number in (0, 1)")
     _choice("agent.configurator.mode", a.configurator.mode, ("mode1", "mode2", "auto"))
+    _choice("env.nonfinite", cfg.env.nonfinite, ("error", "skip"))
+    if a.configurator.mode1_gap < 0:
+        raise ConfigError(f"agent.configurator.mode1_gap={a.configurator.mode1_gap!r}: expected a relative energy "
+                          "gap >= 0")
+    if not 0 <= a.cost.value_weight <= 1:
+        raise ConfigError(f"agent.cost.value_weight={a.cost.value_weight!r}: expected a number in [0, 1] (the "
+                          "share of the last state's price that the critic's value gives)")
+    if a.actor.random_hold < 1:
+        raise ConfigError(f"agent.actor.random_hold={a.actor.random_hold!r}: expected a mean of at least 1 step")
     if a.configurator.stall_patience < 0:
         raise ConfigError(f"agent.configurator.stall_patience={a.configurator.stall_patience}: expected steps >= 0 "
                           "(0 turns the stall rule off)")
@@ -393,19 +419,24 @@ def validate(cfg: DictConfig) -> None:
                 "agent.world_model.rollout_horizon", "agent.memory.capacity", "agent.memory.trail_capacity",
                 "agent.memory.trail_every",
                 "agent.cost.boredom_radius",
-                "train.total_steps", "train.eval_episodes", "train.update_every",
+                "train.total_steps", "train.eval_episodes", "train.update_every", "train.num_envs",
+                "train.eval_every", "train.checkpoint_every", "train.log_every", "agent.configurator.audit_every",
                 "agent.actor.replan_every", "agent.actor.fresh_segments",
-                "reward_free.transitions", "reward_free.num_envs", "reward_free.updates",
+                "reward_free.transitions", "reward_free.updates",
                 "reward_free.predictor_batch_size", "reward_free.predictor_horizon",
                 "reward_free.critic_batch_size",
                 "reward_free.log_every", "reward_free.picture_every", "reward_free.checkpoint_every",
-                "reward_free.probe_frames", "reward_free.action_hold", "env.image_size", "env.frame_stack"):
+                "reward_free.probe_frames", "env.image_size", "env.frame_stack"):
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:
         raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")
     if a.cost.termination_cost and a.cost.discount == 1:
         raise ConfigError(f"agent.cost.termination_cost={a.cost.termination_cost!r} needs "
                           "agent.cost.discount < 1 (the cost is paid forever after termination)")
+    if a.cost.value_weight and a.cost.discount == 1:
+        raise ConfigError(f"agent.cost.value_weight={a.cost.value_weight!r} needs agent.cost.discount < 1: with "
+                          "discount 1 an endless episode has no finite value to price a plan's end with; set "
+                          "agent.cost.value_weight=0")
     names, guardrails = set(), set()
     for i, term in enumerate(a.cost.terms):
         key = f"agent.cost.terms[{i}]"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,9 @@ class Logger:
     def __init__(self, run_dir: str | Path, purge_step: int | None = None) -> None:
         self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+    def scalar(self, tag: str, value: float | None, step: int) -> None:
+        """None: nothing to log. A non-finite value is written as it is: a diverging loss must show."""
+        if value is None:
             return
         self.writer.add_scalar(tag, float(value), step)
 
@@ -34,11 +34,13 @@ class Logger:
                 else:
                     for i, v in enumerate(value.tolist()):
                         self.scalar(f"{tag}/dim_{i:02d}", v, step)
-                    self.writer.add_histogram(tag, value, step)
+                    finite = value[torch.isfinite(value)]
+                    if finite.numel():  # TensorBoard's histogram code fails on non-finite values
+                        self.writer.add_histogram(tag, finite, step)
                     self.scalar(f"{tag}_min", value.min().item(), step)
                     self.scalar(f"{tag}_mean", value.mean().item(), step)
             else:
-                self.scalar(tag, float(value), step)
+                self.scalar(tag, None if value is None else float(value), step)
 
     def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
         """Hyperparameters in this run's own directory (add_hparams would make a sub-run)."""

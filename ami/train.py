@@ -1,8 +1,14 @@
-"""Training: collect with the agent, update from memory, log, evaluate, checkpoint, resume."""
+"""Training: one Trainer runs a run's schedule of phases through the one env loop, with one checkpoint schema.
+
+An agent run: random (shielded) proposals for train.seed_steps, pretraining updates, then planning with updates
+interleaved, evaluations and checkpoints. A reward-free run (reward_free.enabled): random-action collection, then
+joint world-model updates, predictor-only updates and goal-critic updates on the stored data. Either resumes from
+its latest checkpoint, and Ctrl-C saves one before exiting.
+"""
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import random
 import time
 from collections import defaultdict
@@ -13,14 +19,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ami import reward_free, runlog
+from ami.agent import Agent, storable_observation
 from ami.build import build_agent, parameter_counts, resolve_device
-from ami.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ami.envs import make_env, observation_names
+from ami.checkpoint import check_guardrails, load_checkpoint, save_checkpoint
+from ami.config import ConfigError, load_saved
+from ami.envs import UnsupportedEnvError, make_vector_env, observation_kind, observation_names
 from ami.evaluate import evaluate
 from ami.learner import Learner
 from ami.logger import Logger
-from ami.messages import Plan, Task
-from modules.cost import GuardrailError
+from ami.loop import EnvLoop
+from ami.messages import Step
 
 
 def seed_everything(seed: int) -> None:
@@ -39,295 +48,352 @@ def new_run_dir(cfg: DictConfig) -> Path:
     return path
 
 
-class Trainer:
-    """Owns one run: its env, agent, learner, logger, counters and RNGs."""
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]: the loop moves num_envs env steps at a time."""
+    return before // every < after // every
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = False,
-                 read_only: bool = False) -> None:
-        """resume: load the run's latest checkpoint. read_only: only inspect it (ami eval): no
-        logger, nothing in the run directory touched."""
+
+class Trainer:
+    """Owns one run: its env loop, agent, learner, logger, counters and RNGs."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        self.env = make_env(cfg.env)
-        agent_cfg = OmegaConf.to_object(cfg.agent)
-        self.agent = build_agent(agent_cfg, self.env.observation_space, self.env.action_space.shape[0],
-                                 observation_names(cfg.env, self.env), self.device)
-        self.learner = Learner(self.agent, agent_cfg, cfg.seed)
+        self.loop = EnvLoop(make_vector_env(cfg.env, cfg.train.num_envs), cfg.env.nonfinite)
+        self.agent = build_run_agent(cfg, self.loop, self.device)
+        if cfg.reward_free.enabled:
+            reward_free.check_env(cfg, self.loop.envs.single_observation_space, self.agent)
+        self.learner = Learner(self.agent, OmegaConf.to_object(cfg.agent), cfg.reward_free, cfg.seed)
         self.plan_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.action_rng = np.random.default_rng(cfg.seed)  # seed-phase actions
-        self.step = 0
-        self.episode = 0
-        self.checkpoint_due = False
-        self.obs: np.ndarray | None = None
-        self.episode_stats: dict[str, float] = defaultdict(float)
+        self.episode_log = runlog.EpisodeLog(self.run_dir, self.agent, self.loop.num_envs,
+                                             tensorboard=not cfg.reward_free.enabled)
         self.window: dict[str, list[float]] = defaultdict(list)
-        self.plan_times_ms: list[float] = []  # every training-time planning call of this process
-        # Ground truth from the env (info["cost"], as in Safety-Gymnasium) and the shield's work,
-        # over the whole run.
-        self.safety_totals: dict[str, float] = {"cost": 0.0, "interventions": 0.0, "fallbacks": 0.0}
+        self.update_credit = 0.0  # updates owed to the env steps taken so far
+        self.checkpoint_due: int | None = None  # the env step at which a checkpoint fell due
+        self.latents: torch.Tensor | None = None  # reward-free: the frozen encoder's latents of every stored row
+        self.health: dict[str, float] = {}  # reward-free: the latest latent-health figures
+        self.plan_times_ms: list[float] = []  # every planning call of this process, per env step
+        self.eval_seconds = 0.0  # this process's time in evaluations
+        self.mode1_steps = 0  # this process's env steps on which Mode-1 acted alone
         self.last_return = float("nan")
         if resume:
-            self.load(latest_checkpoint(self.run_dir))
-            if not read_only:
-                self._drop_rows_after(self.step)
-                OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)  # with any new overrides
+            self.load()
+            runlog.drop_rows_after(self.run_dir, self.loop.env_steps)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
-            self.obs, _ = self.env.reset(seed=cfg.seed)
-        self.logger: Logger | None = None
-        if not read_only:
-            # Events at the checkpoint step were written before it was saved: keep them.
-            self.logger = Logger(self.run_dir, purge_step=self.step + 1 if resume else None)
-            if not resume:
-                self._log_hparams()
+            self.loop.reset(seed=cfg.seed)
+        OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)  # on resume too: its overrides count now
+        # Events at the checkpoint's step were written before it was saved: keep them.
+        self.logger = Logger(self.run_dir, purge_step=self.x_axis() + 1 if resume else None)
+        self.episode_log.logger = self.logger
+        if not resume:
+            self.logger.hparams(runlog.hparams(cfg), {"eval/return_mean": float("nan")})
 
-    # -- the loop -------------------------------------------------------------------------------
-    def collect(self) -> bool:
-        """One env step: act, step, score, remember. Returns True at an episode's end."""
-        agent, train = self.agent, self.cfg.train
-        if self.obs is None:  # a new episode starts; its reset draws from the env's own RNG
-            self.obs, _ = self.env.reset()
-            agent.reset()
-        if self.step < train.seed_steps:  # random actions, shielded like any other
-            proposed = self.action_rng.uniform(-1.0, 1.0, self.env.action_space.shape).astype(np.float32)
-            percept = agent.perceive(self.obs[None])
-            decision = agent.shield_actions(percept.observation.cpu().numpy(), proposed[None], percept)
-            action, latent, planned, energy = decision.actions[0].numpy(), percept.state, False, float("nan")
-        else:
-            actions, percept, task, plan, decision = agent.act(self.obs[None], explore=True,
-                                                               generator=self.plan_generator)
-            action, latent, planned, energy = actions[0], percept.state, True, plan.energy_after[0].item()
-            self._window_plan(plan, task)
-        next_obs, reward, terminated, truncated, info = self.env.step(action)
-        record = agent.observe(self.step, self.episode, self.obs, action, float(reward), next_obs,
-                               terminated, truncated, info, latent, planned, energy)
-        weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
-        self.episode_stats["return"] += float(reward)
-        self.episode_stats["length"] += 1
-        self.episode_stats["cost"] += float((record.cost_terms * weights).sum())
-        safety = {"cost": float(info.get("cost", 0.0)), "interventions": float(decision.intervened[0]),
-                  "fallbacks": float(decision.fallback[0])}
-        for key, value in safety.items():
-            self.episode_stats[f"safety/{key}"] += value
-            self.safety_totals[key] += value
-        self.window["safety/intervention_rate"].append(safety["interventions"])
-        self.window["safety/ego_rejection_rate"].append(float(decision.ego_rejected[0]))
-        self.window["safety/world_model_rejection_rate"].append(float(decision.world_model_rejected[0]))
-        for name, value in zip(agent.cost.intrinsic.term_names, record.cost_terms.tolist(), strict=True):
-            self.episode_stats[f"term/{name}"] += value
-        self.obs = next_obs
-        self.step += 1
-        return bool(terminated or truncated)
+    def x_axis(self) -> int:
+        """The x-axis of this run's curves: env steps; a reward-free run's, whose curves are all of its offline
+        updates, the update count (its collection writes episodes.csv only)."""
+        return self.learner.updates if self.cfg.reward_free.enabled else self.loop.env_steps
 
-    def _window_plan(self, plan: Plan, task: Task) -> None:
-        self.window["actor/energy_before"].append(plan.energy_before.mean().item())
-        self.window["actor/energy_after"].append(plan.energy_after.mean().item())
-        self.window["actor/energy_reduction"].append((plan.energy_before - plan.energy_after).mean().item())
-        self.window["actor/plan_time_ms"].append(1000 * plan.plan_time_s)
-        self.plan_times_ms.append(1000 * plan.plan_time_s)
-        self.window["actor/mode"].append(1.0 if plan.mode == "mode1" else 2.0)
-        self.window["configurator/horizon"].append(task.horizon)
-        self.window["configurator/iterations"].append(task.iterations)
+    # -- the cycle -----------------------------------------------------------------------------------------
+    def env_step(self, random: bool, limit: int | None = None) -> Step:
+        """One step of every environment: act, step, score, remember (at most `limit` transitions)."""
+        agent = self.agent
+        step = self.loop.step(lambda obs: agent.act(obs, explore=not random, random=random,
+                                                    generator=self.plan_generator))
+        if limit is not None and step.valid.sum() > limit:  # the rest are not kept: their stretches end before them
+            kept = step.valid & (np.cumsum(step.valid) <= limit)
+            step = dataclasses.replace(step, valid=kept, dropped=step.dropped | (step.valid & ~kept))
+        if self.cfg.reward_free.enabled:  # the world model never sees a reward: none is stored
+            step = dataclasses.replace(step, reward=np.zeros_like(step.reward))
+        if step.action.plan is not None:  # else every environment only reset (a NEXT_STEP vector env)
+            record = agent.observe(step)
+            self.episode_log.add(step, record, self.loop.env_steps, self.window)
+            if step.action.plan.mode != "random":
+                self._window_plan(step)
+        agent.reset(step.started)
+        return step
 
-    def _end_episode(self) -> None:
-        stats, step = self.episode_stats, self.step
-        self.last_return = stats["return"]
-        self.logger.scalar("charts/episodic_return", stats["return"], step)
-        self.logger.scalar("charts/episodic_length", stats["length"], step)
-        self.logger.scalar("charts/episodic_cost", stats["cost"], step)
-        for key, value in stats.items():
-            if key.startswith("term/"):
-                self.logger.scalar(f"cost/intrinsic/{key[5:]}", value / max(stats["length"], 1), step)
-        self.logger.scalar("safety/episode_cost", stats["safety/cost"], step)
-        self.logger.scalar("safety/interventions_per_episode", stats["safety/interventions"], step)
-        self.logger.scalar("safety/fallbacks_per_episode", stats["safety/fallbacks"], step)
-        self.logger.scalar("safety/cumulative_cost", self.safety_totals["cost"], step)
-        self._append_row("episodes.csv", ["step", "episode", "return", "length", "cost", "interventions", "fallbacks"],
-                         [step, self.episode, f"{stats['return']:.3f}", int(stats["length"]),
-                          f"{stats['safety/cost']:.1f}", int(stats["safety/interventions"]),
-                          int(stats["safety/fallbacks"])])
-        self.episode_stats = defaultdict(float)
-        self.episode += 1
-        self.obs = None
+    def _window_plan(self, step: Step) -> None:
+        plan, task, window = step.action.plan, step.action.task, self.window
+        window["actor/energy_before"].append(plan.energy_before.mean().item())
+        window["actor/energy_after"].append(plan.energy_after.mean().item())
+        window["actor/energy_reduction"].append((plan.energy_before - plan.energy_after).mean().item())
+        plan_ms = 1000 * plan.plan_time_s / self.loop.num_envs
+        window["actor/plan_time_ms"].append(plan_ms)
+        self.plan_times_ms.append(plan_ms)
+        window["actor/mode"].append(1.0 if plan.mode == "mode1" else 2.0)
+        self.mode1_steps += int(step.valid.sum() + step.dropped.sum()) if plan.mode == "mode1" else 0
+        if self.agent.configurator.state.gap is not None:
+            window["configurator/mode1_gap"].append(self.agent.configurator.state.gap)
+        window["configurator/horizon"].append(task.horizon)
+        window["configurator/iterations"].append(task.iterations)
 
     def train(self) -> dict[str, float]:
-        if self.logger is None:
-            raise RuntimeError(f"{self.run_dir}: opened read-only (for evaluation); it cannot train")
-        cfg = self.cfg.train
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not self.cfg.progress,
-                   desc=f"{self.cfg.env.name}/{self.cfg.agent.name} s{self.cfg.seed}", unit="step")
-        start_time, start_step = time.perf_counter(), self.step
-        stats: dict = {}
+        bar = tqdm(total=self._total(), initial=self._progress(), disable=not self.cfg.progress,
+                   desc=f"{self.cfg.env.name}/{self.cfg.agent.name} s{self.cfg.seed}",
+                   unit="update" if self.cfg.reward_free.enabled and self.learner.updates else "step")
+        self.start_time, self.start_progress = time.perf_counter(), self._progress()
         try:
-            while self.step < cfg.total_steps:
-                episode_done = self.collect()
-                if self.step == cfg.seed_steps:
-                    for _ in range(cfg.pretrain_updates):
-                        stats = self.learner.update()
-                if self.step > cfg.seed_steps and self.step % cfg.update_every == 0:
-                    for _ in range(cfg.updates_per_round):
-                        stats = self.learner.update()
-                if self.step % cfg.log_every == 0:
-                    sps = (self.step - start_step) / (time.perf_counter() - start_time)
-                    self._log_window(stats, sps)
-                    bar.set_postfix(sps=f"{sps:.0f}", ret=f"{self.last_return:.0f}")
-                if self.step % cfg.eval_every == 0:
-                    self.run_eval()
-                if self.step % cfg.checkpoint_every == 0:
-                    self.checkpoint_due = True
-                if episode_done:
-                    self._end_episode()
-                    if self.checkpoint_due:
-                        self.save()
-                bar.update(1)
+            if self.cfg.reward_free.enabled:
+                self._reward_free(bar)
+            else:
+                self._interact(bar)
             self.save()
         except KeyboardInterrupt:
             self.save()
-            bar.write(f"interrupted at step {self.step}; resume with: ami train --resume {self.run_dir}")
+            bar.write(f"interrupted at {bar.unit} {self._progress()}; resume with: ami train --resume {self.run_dir}")
             raise
         finally:
             bar.close()
             self.logger.close()
-            self.env.close()
-        return {"step": self.step, "last_return": self.last_return}
+            self.loop.envs.close()
+        return {"step": self.loop.env_steps, "updates": self.learner.updates, "last_return": self.last_return,
+                "train_seconds": time.perf_counter() - self.start_time, **self.health}
 
-    def _log_window(self, stats: dict, sps: float) -> None:
-        step = self.step
+    def _total(self) -> int:
+        rf = self.cfg.reward_free
+        return rf.transitions + rf.updates + rf.predictor_updates + rf.critic_updates if rf.enabled \
+            else self.cfg.train.total_steps
+
+    def _progress(self) -> int:
+        return self.loop.env_steps + self.learner.updates if self.cfg.reward_free.enabled else self.loop.env_steps
+
+    def _interact(self, bar: tqdm) -> None:
+        """Seed steps, pretraining, then planning with updates, evaluations and checkpoints."""
+        train = self.cfg.train
+        while self.loop.env_steps < train.total_steps:
+            before = self.loop.env_steps
+            self.env_step(random=before < train.seed_steps)
+            after = self.loop.env_steps
+            self.last_return = self.episode_log.last_return
+            stats: dict = {}
+            if before < train.seed_steps <= after:
+                for _ in range(train.pretrain_updates):
+                    stats = self.learner.update()
+            if after > train.seed_steps:
+                self.update_credit += (after - max(before, train.seed_steps)) * train.updates_per_round \
+                    / train.update_every
+                while self.update_credit >= 1:
+                    stats = self.learner.update()
+                    self.update_credit -= 1
+            if crossed(before, after, train.log_every):
+                self._log_window(stats, bar)
+            if crossed(before, after, train.eval_every):
+                self.run_eval()
+            if crossed(before, after, train.checkpoint_every) and self.checkpoint_due is None:
+                self.checkpoint_due = after
+            # Once every episode has ended, so that the resumed run is this one; or, where episodes never end
+            # together, checkpoint_every steps later (a resumed run then closes the running ones as truncated).
+            if self.checkpoint_due is not None and (self.loop.between_episodes or after - self.checkpoint_due
+                                                    >= train.checkpoint_every):
+                self.save()
+            bar.update(after - before)
+
+    def collect_dataset(self, bar: tqdm | None = None) -> None:
+        """A reward-free run's data: reward_free.transitions random-action transitions (no reward stored), every
+        stretch ended with its last observation; checkpointed once complete."""
+        rf, memory = self.cfg.reward_free, self.agent.memory
+        while len(memory) < rf.transitions:
+            before = self.loop.env_steps
+            if memory.rows_left < 3:  # a transition, an episode's final frame, the last stretch's end
+                raise ConfigError(f"agent.memory.capacity={self.cfg.agent.memory.capacity} is full after "
+                                  f"{len(memory)} of reward_free.transitions={rf.transitions} and their episodes' "
+                                  "final frames; raise agent.memory.capacity")
+            self.env_step(random=True, limit=rf.transitions - len(memory))
+            if bar is not None:
+                bar.update(self.loop.env_steps - before)
+            if len(memory) >= rf.transitions:
+                self.agent.memory.end_segments(torch.ones(self.loop.num_envs, dtype=torch.bool),
+                                               *storable_observation(self.loop.obs))
+                self.save()
+
+    def _reward_free(self, bar: tqdm) -> None:
+        """Collect random-action data, then train on it: encoder and predictor together, the predictor alone on
+        the frozen encoder's latents, then the goal critic."""
+        rf = self.cfg.reward_free
+        self.collect_dataset(bar)
+        figures = reward_free.Figures(self.cfg, self.agent, self.logger)
+        bar.unit = "update"
+        stats: dict = {}
+        while self.learner.updates < rf.updates + rf.predictor_updates + rf.critic_updates:
+            if self.learner.updates < rf.updates:
+                stats = self.learner.update()
+            else:
+                if self.latents is None:
+                    self.latents = reward_free.encode_memory(self.agent, self.cfg.progress)
+                    self.goal_data = self.learner.goal_critic_data()
+                stats = self.learner.update_predictor(self.latents) \
+                    if self.learner.updates < rf.updates + rf.predictor_updates \
+                    else self.learner.update_goal_critic(self.latents, self.goal_data)
+            bar.update(1)
+            updates = self.learner.updates
+            done = updates == rf.updates + rf.predictor_updates + rf.critic_updates
+            if updates % rf.log_every == 0 or done:
+                self.logger.scalars(stats, updates)
+                rate = (self._progress() - self.start_progress) / (time.perf_counter() - self.start_time)
+                self.logger.scalar("charts/updates_per_s", rate, updates)
+                health = figures.log_health(updates)
+                loss = next((f"{v:.3f}" for k, v in stats.items() if k.endswith("_loss") and v is not None), "")
+                bar.set_postfix(loss=loss, **{k: f"{v:.2f}" for k, v in health.items()})
+                self.health = health
+            if updates % rf.picture_every == 0 or done:
+                with self.agent.fresh_episodes():
+                    figures.log_picture(updates)
+            if updates % rf.checkpoint_every == 0:
+                self.save()
+
+    def _log_window(self, stats: dict, bar: tqdm) -> None:
+        step = self.loop.env_steps
+        sps = (step - self.start_progress) / (time.perf_counter() - self.start_time)
         self.logger.scalar("charts/sps", sps, step)
         self.logger.scalars(stats, step)
         for tag, values in self.window.items():
             self.logger.scalar(tag, float(np.mean(values)), step)
         self.window.clear()
+        for name, count in self.agent.repairs.take().items():
+            self.logger.scalar(f"charts/repairs/{name}", count, step)
+        self.logger.scalar("charts/nonfinite_dropped", self.loop.dropped, step)
         self.logger.scalar("memory/size", len(self.agent.memory), step)
         for name, weight in self.agent.configurator.weights.items():
             self.logger.scalar(f"configurator/weight/{name}", weight, step)
+        bar.set_postfix(sps=f"{sps:.0f}", ret=f"{self.last_return:.0f}")
 
     def run_eval(self) -> None:
+        start = time.perf_counter()
         result = evaluate(self.agent, self.cfg.env, self.cfg.train.eval_episodes)
-        self.logger.scalar("eval/return_mean", result.mean, self.step)
-        self.logger.scalar("eval/return_std", result.std, self.step)
-        self.logger.scalar("eval/length_mean", float(result.lengths.mean()), self.step)
-        self.logger.scalar("eval/cost_mean", float(result.costs.mean()), self.step)
-        self.logger.scalar("eval/interventions_mean", float(result.interventions.mean()), self.step)
-        self._append_row("eval.csv", ["step", "return_mean", "return_std", "returns", "costs", "interventions"],
-                         [self.step, f"{result.mean:.2f}", f"{result.std:.2f}",
-                          " ".join(f"{r:.1f}" for r in result.returns), " ".join(f"{c:g}" for c in result.costs),
-                          " ".join(str(int(i)) for i in result.interventions)])
+        self.eval_seconds += time.perf_counter() - start
+        step = self.loop.env_steps
+        self.logger.scalar("eval/return_mean", result.mean, step)
+        self.logger.scalar("eval/return_std", result.std, step)
+        self.logger.scalar("eval/length_mean", float(result.lengths.mean()), step)
+        self.logger.scalar("eval/cost_mean", float(result.costs.mean()), step)
+        self.logger.scalar("eval/interventions_mean", float(result.interventions.mean()), step)
+        runlog.append_eval(self.run_dir, step, result)
         cost = f", cost {result.costs.mean():.2f}" if result.costs.any() else ""
-        tqdm.write(f"step {self.step}: eval return {result.mean:.1f} ± {result.std:.1f}{cost}")
+        tqdm.write(f"step {step}: eval return {result.mean:.1f} ± {result.std:.1f}{cost}")
 
-    def _append_row(self, name: str, header: list[str], row: list) -> None:
-        path = self.run_dir / name
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(header)
-            writer.writerow(row)
-
-    def _drop_rows_after(self, step: int) -> None:
-        """Rows an interrupted run wrote past its last checkpoint are redone by the resumed run."""
-        for name in ("eval.csv", "episodes.csv"):
-            path = self.run_dir / name
-            if path.exists():
-                rows = list(csv.reader(path.open()))
-                kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= step]
-                with path.open("w", newline="") as f:
-                    csv.writer(f).writerows(kept)
-
-    def _log_hparams(self) -> None:
-        flat = {}
-        for key in ("seed", "agent.name", "env.id", "agent.actor.planner", "agent.actor.horizon",
-                    "agent.actor.iterations", "agent.actor.candidates", "agent.perception.latent_dim",
-                    "agent.perception.target", "agent.world_model.rollout_horizon", "agent.shield.enabled",
-                    "train.total_steps"):
-            flat[key] = OmegaConf.select(self.cfg, key)
-        self.logger.hparams(flat, {"eval/return_mean": float("nan")})
-
-    # -- checkpoints ----------------------------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        agent = self.agent
+        agent, loop = self.agent, self.loop
         return {
-            "version": 1,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "intrinsic_cost": agent.cost.intrinsic.describe(),
-            "shield": agent.shield.describe(),
-            "perception": agent.perception.state_dict(),
-            "world_model": agent.world_model.state_dict(),
-            "critic": agent.cost.critic.state_dict(),
-            "policy": agent.actor.policy.state_dict(),
-            "configurator": {"weights": agent.configurator.weights,
-                             "policy_error": agent.configurator.policy_error},
-            "actor_previous": agent.actor.previous,
+            **agent_state(agent),
             "learner": self.learner.state_dict(),
             "memory": agent.memory.state_dict(),
-            "counters": {"step": self.step, "episode": self.episode},
-            "safety_totals": dict(self.safety_totals),
-            "mid_episode": self.obs is not None,
-            "episode_stats": dict(self.episode_stats),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+            "loop": {"env_steps": loop.env_steps, "episodes": loop.episodes, "dropped": loop.dropped,
+                     # Environments mid-episode: resuming closes their stretch in memory at this observation.
+                     "mid_episode": torch.as_tensor(agent.memory.open.clone()),
+                     **dict(zip(("obs", "vector"), storable_observation(loop.obs), strict=True))},
+            "trainer": {"update_credit": self.update_credit, "checkpoint_due": self.checkpoint_due,
+                        "window": dict(self.window), "episode_log": self.episode_log.state_dict()},
+            "rng": {"python": random.getstate(), "numpy": runlog.numpy_rng_state(),
                     "torch": torch.get_rng_state(), "plan": self.plan_generator.get_state(),
-                    "action": self.action_rng.bit_generator.state,
-                    "env": self.env.unwrapped.np_random.bit_generator.state},
+                    "envs": [env.unwrapped.np_random.bit_generator.state for env in loop.envs.envs]},
         }
 
     def save(self) -> Path:
-        self.checkpoint_due = False
-        return save_checkpoint(self.state_dict(), self.run_dir / "checkpoints" / "latest.pt")
+        self.checkpoint_due = None
+        return save_checkpoint(self.state_dict(), self.run_dir)
 
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.device)
-        agent = self.agent
-        guardrails = [t for t in agent.cost.intrinsic.describe() if t[3]]
-        saved = [tuple(t) for t in state["intrinsic_cost"] if t[3]]
-        if saved != guardrails:
-            raise GuardrailError(f"{path}: its guardrails {saved} differ from this configuration's "
-                                 f"{guardrails}; guardrails cannot be changed by loading a checkpoint")
-        if tuple(state["shield"]) != agent.shield.describe():
-            raise GuardrailError(f"{path}: its shield {state['shield']} differs from this configuration's "
-                                 f"{agent.shield.describe()}; the shield cannot be changed by loading a checkpoint")
-        agent.perception.load_state_dict(state["perception"])
-        agent.world_model.load_state_dict(state["world_model"])
-        agent.cost.critic.load_state_dict(state["critic"])
-        agent.actor.policy.load_state_dict(state["policy"])
-        # The checkpoint's weights, then this configuration's explicit ones on top: a weight given
-        # when resuming (`agent.configurator.weights.effort=0.5`) takes effect.
-        explicit = dict(self.cfg.agent.configurator.weights)
-        for name, weight in {**state["configurator"]["weights"], **explicit}.items():
-            agent.configurator.set_weight(name, weight)
-        agent.configurator.report(policy_error=state["configurator"]["policy_error"])
-        agent.actor.previous = state["actor_previous"]
+    def load(self) -> None:
+        state, path = load_checkpoint(self.run_dir)
+        load_agent_state(self.agent, state, path, self.cfg)
         self.learner.load_state_dict(state["learner"])
-        agent.memory.load_state_dict(state["memory"])
-        self.step, self.episode = state["counters"]["step"], state["counters"]["episode"]
-        self.safety_totals = dict(state["safety_totals"])
+        self.agent.memory.load_state_dict(state["memory"])
+        loop, saved = self.loop, state["loop"]
+        self.agent.memory.end_segments(saved["mid_episode"], saved["obs"], saved["vector"])
+        loop.env_steps, loop.episodes, loop.dropped = saved["env_steps"], saved["episodes"], saved["dropped"]
+        trainer = state["trainer"]
+        self.update_credit, self.checkpoint_due = trainer["update_credit"], trainer["checkpoint_due"]
+        self.window = defaultdict(list, trainer["window"])
+        self.episode_log.load_state_dict(trainer["episode_log"])
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        runlog.set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"].cpu())
         self.plan_generator.set_state(rng["plan"].cpu())
-        self.action_rng.bit_generator.state = rng["action"]
-        self.env.unwrapped.np_random.bit_generator.state = rng["env"]
-        if state["mid_episode"]:
-            # The interrupted episode cannot be continued: close it as truncated (the critic still
-            # bootstraps from its last state) and start a fresh one.
-            agent.memory.mark_truncated_last()
-            self.episode += 1
-        self.obs = None
+        for env, env_state in zip(loop.envs.envs, rng["envs"], strict=True):
+            env.unwrapped.np_random.bit_generator.state = env_state
+        # Interrupted episodes cannot be continued: every environment starts a fresh one from its own generator.
+        loop.reset(seed=None)
+
+
+def build_run_agent(cfg: DictConfig, loop: EnvLoop, device: torch.device) -> Agent:
+    envs = loop.envs
+    observation_kind(envs.single_observation_space)
+    names = observation_names(cfg.env, envs.envs[0])
+    if not hasattr(envs.single_action_space, "shape") or len(envs.single_action_space.shape) != 1:
+        raise UnsupportedEnvError(f"env.id={cfg.env.id!r}: expected a flat Box action space")
+    return build_agent(OmegaConf.to_object(cfg.agent), envs.single_observation_space,
+                       envs.single_action_space.shape[0], names, device, loop.num_envs)
+
+
+def agent_state(agent: Agent) -> dict:
+    """The agent's part of a checkpoint: its trained modules, the configurator's settings and mode switch, and
+    the guardrails and shield every load is checked against."""
+    intrinsic = agent.cost.intrinsic
+    modules = {"perception": agent.perception.state_dict(), "world_model": agent.world_model.state_dict(),
+               "critic": agent.cost.critic.state_dict(), "policy": agent.actor.policy.state_dict()}
+    if agent.cost.goal_critic is not None:
+        modules["goal_critic"] = agent.cost.goal_critic.state_dict()
+    state = agent.configurator.state
+    return {"guardrails": [term for term in intrinsic.describe() if term[3]], "intrinsic_cost": intrinsic.describe(),
+            "shield": agent.shield.describe(), "modules": modules,
+            "configurator": {"weights": agent.configurator.weights, "mode1_acting": state.mode1_acting,
+                             "gap": state.gap, "steps_since_audit": state.steps_since_audit}}
+
+
+def load_agent_state(agent: Agent, state: dict, path: Path, cfg: DictConfig) -> None:
+    """Load agent_state() into agent, after checking that its guardrails and shield are this configuration's."""
+    check_guardrails(state, [term for term in agent.cost.intrinsic.describe() if term[3]], agent.shield.describe(),
+                     path)
+    modules = state["modules"]
+    agent.perception.load_state_dict(modules["perception"])
+    agent.world_model.load_state_dict(modules["world_model"])
+    agent.cost.critic.load_state_dict(modules["critic"])
+    agent.actor.policy.load_state_dict(modules["policy"])
+    if agent.cost.goal_critic is not None and "goal_critic" in modules:
+        agent.cost.goal_critic.load_state_dict(modules["goal_critic"])
+    # The checkpoint's weights, then this configuration's explicit ones on top: a weight given when resuming
+    # (`agent.configurator.weights.effort=0.5`) takes effect.
+    configurator = state["configurator"]
+    for name, weight in {**configurator["weights"], **dict(cfg.agent.configurator.weights)}.items():
+        agent.configurator.set_weight(name, weight)
+    switch = agent.configurator.state
+    switch.mode1_acting, switch.gap = configurator["mode1_acting"], configurator["gap"]
+    switch.steps_since_audit = configurator["steps_since_audit"]
+    agent.world_model_trained = state["learner"]["updates"] > 0
+
+
+def load_agent(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Agent, DictConfig, int]:
+    """A trained run's agent, read-only (ami eval, ami bench goals): its saved configuration with overrides on
+    top, its modules from the newest readable checkpoint (guardrails checked) -> (agent, config, env steps)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml there; expected an ami run directory")
+    cfg = load_saved(run_dir / "config.yaml", ["progress=false", *(overrides or [])])
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    loop = EnvLoop(make_vector_env(cfg.env, 1), cfg.env.nonfinite)
+    state, path = load_checkpoint(run_dir)
+    agent = build_run_agent(OmegaConf.merge(cfg, {"agent": {"memory": {"capacity": 1}}, "train": {"num_envs": 1}}),
+                            loop, resolve_device(cfg.device))
+    loop.envs.close()
+    load_agent_state(agent, state, path, cfg)
+    return agent, cfg, int(state["loop"]["env_steps"])
 
 
 def describe(trainer: Trainer) -> str:
     counts = parameter_counts(trainer.agent)
     parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
     actor = trainer.agent.actor
-    planning = f"planner: {actor.config.planner}"
+    planning = f"planner: {actor.config.planner}, {trainer.loop.num_envs} env(s) planned as one batch"
     if actor.energy.compiled:
-        planning += ", torch.compile'd (each new batch size compiles on first use: about a minute cold)"
+        planning += "; torch.compile'd (each new batch size compiles on first use: about a minute cold)"
     shield = trainer.agent.shield
     if shield.active:
         checks = ["ego model " + trainer.cfg.agent.shield.ego.kind] if shield.ego is not None else []
@@ -336,4 +402,10 @@ def describe(trainer: Trainer) -> str:
                  f"{' and '.join(checks) or 'nothing'}, fallback {shield.fallback_kind}")
     else:
         guard = "shield: off" + ("" if trainer.agent.cost.intrinsic.guardrail_names else " (no guardrail terms)")
-    return f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}\n{guard}"
+    text = f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}\n{guard}"
+    rf = trainer.cfg.reward_free
+    if rf.enabled:
+        text += (f"\nreward-free: {rf.transitions:,} random-action transitions, {rf.updates} joint updates, then "
+                 f"{rf.predictor_updates} of the predictor alone and {rf.critic_updates} of the goal critic (no "
+                 "reward stored or used)")
+    return text

@@ -1,4 +1,4 @@
-"""Actor: the plan energy, the Mode-1 policy, and the actor that plans with modules.planners.
+"""Actor: the plan energy, the Mode-1 policy, and the actor that plans with an injected planner.
 
 Every planner takes an energy function, energy_fn(state (B, D), actions (H, B, A)) ->
 (energy (B,), states (H + 1, B, D)), so the same planner runs on a learned world model or on a
@@ -7,8 +7,10 @@ hand-written one. Actions live in [-1, 1]; the environment wrapper maps them to 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,20 +18,52 @@ from torch import nn
 from ami.config import ActorConfig, GoalConfig
 from ami.messages import Percept, Plan, Task
 from modules.cost import GoalCritic, IntrinsicCost, TrainableCritic, boredom, discount_weights, latent_goal_distance
-from modules.perception import mlp
-from modules.planners import GradientPlanner, MPPIPlanner, autograd_energy_and_grad, shift_plan
+from modules.nn import Repairs, mlp
+from modules.planners import autograd_energy_and_grad, shift_plan
 from modules.world_model import WorldModel
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Everything one plan's energy reads besides its start state and actions, bound once per plan.
+
+    analytic_weights: (T,) the task's weights on the analytic terms (0 on measured ones); use_step_head: the
+    task weighs a measured term, which the critic's step head prices on imagined states. Per environment,
+    B rows: readout_offset, observation: (B, Q); goal: (B, D); visited: (B, V, D) the episode's trail;
+    boredom_scale: (B,) the configurator's factor on the boredom weight. A new energy term adds its field here
+    and reads it in PlanEnergy.__call__; nothing between them changes.
+    """
+
+    analytic_weights: torch.Tensor
+    use_step_head: bool
+    readout_offset: torch.Tensor | None  # None only when bound without any per-environment tensor: zeros
+    observation: torch.Tensor | None
+    goal: torch.Tensor | None = None
+    visited: torch.Tensor | None = None
+    boredom_scale: torch.Tensor | None = None
+
+    PER_ENV = ("readout_offset", "observation", "goal", "visited", "boredom_scale")
+
+    def repeat(self, rows: int) -> PlanContext:
+        """Each environment's rows repeated for its candidates: planners lay out B * N rows, env by env."""
+        def repeated(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.repeat_interleave(rows // value.shape[0], dim=0)
+        return dataclasses.replace(self, **{name: repeated(getattr(self, name)) for name in self.PER_ENV})
 
 
 class PlanEnergy:
     """Energy of action sequences through the world model, the intrinsic cost and the critic.
 
-    E = sum_t gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)] + w_v gamma^H TC_value(s_H)
+    E = sum_{t<H} gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)]
+        + gamma^H [(1 - w_v) IC_analytic(readout(s_H), 0) + w_v TC_value(s_H)]
+        + (with an ego model) the shield's guardrail cost of the first action
         + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g) + w_c steps(s_H, g)
         + (with the episode's trail V) w_b k sum_{t=1..H} boredom(s_t, V)
 
-    d is a latent distance or the goal critic's steps (GoalConfig.metric); w_c the critic_final_weight;
-    w_b the boredom_weight (modules.cost.boredom), k the configurator's boredom scale (1 when it gives none).
+    The last imagined state is priced by the critic's value as far as value_weight w_v trusts it, by the
+    analytic terms (at rest) for the rest: with w_v = 0 a plan that ends past a guardrail or far from the
+    goal still pays for it. d is a latent distance or the goal critic's steps (GoalConfig.metric); w_c the
+    critic_final_weight; w_b the boredom_weight (modules.cost.boredom), k the configurator's boredom scale.
     """
 
     def __init__(self, world_model: WorldModel, intrinsic_cost: IntrinsicCost,
@@ -42,6 +76,8 @@ class PlanEnergy:
         term's weights and metric, used when a plan is bound to a latent goal; goal_critic: the
         trained GoalCritic that metric "critic" and critic_final_weight use. boredom_weight and
         boredom_radius: the boredom term, used when a plan is bound to a trail of visited latents."""
+        if not 0.0 <= value_weight <= 1.0:
+            raise ValueError(f"value_weight={value_weight!r}: expected a number in [0, 1]")
         self.goal_config = goal or GoalConfig()
         self.goal_critic = goal_critic
         self.world_model = world_model
@@ -55,40 +91,41 @@ class PlanEnergy:
         self._forward: Callable = self.__call__
         self._compiled_value_and_grad: Callable | None = None
 
-    def __call__(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
-                 use_step_head: bool, readout_offset: torch.Tensor,
-                 observation: torch.Tensor, goal: torch.Tensor | None = None,
-                 visited: torch.Tensor | None = None, boredom_scale: torch.Tensor | None = None
+    def __call__(self, state: torch.Tensor, actions: torch.Tensor, context: PlanContext
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """state: (B, D), actions: (H, B, A), analytic_weights: (T,), readout_offset: (B, Q) added to
-        every readout, observation: (B, Q), goal: (B, D) or None, visited: (B, V, D) or None,
-        boredom_scale: (B,) or None -> (energy (B,), states (H+1, B, D))."""
+        """state: (B, D), actions: (H, B, A), context with B rows -> (energy (B,), states (H+1, B, D))."""
         horizon = actions.shape[0]
         states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
-        quantities = self.world_model.readout(states[:-1]) + readout_offset
-        terms = self.intrinsic_cost.analytic_terms(quantities, actions)
-        step_cost = (terms * analytic_weights).sum(-1)  # (H, B)
-        if use_step_head:
+        quantities = self.world_model.readout(states) + context.readout_offset
+        weights = context.analytic_weights
+        step_cost = (self.intrinsic_cost.analytic_terms(quantities[:-1], actions) * weights).sum(-1)  # (H, B)
+        if context.use_step_head:
             step_cost = step_cost + self.critic.step_cost(states[:-1], actions)
         gammas = discount_weights(horizon + 1, self.discount, state.device)
         energy = (gammas[:-1, None] * step_cost).sum(0)
+        tail = torch.zeros_like(energy)
+        if self.value_weight < 1:
+            at_rest = actions.new_zeros(actions.shape[1:])
+            terminal = (self.intrinsic_cost.analytic_terms(quantities[-1], at_rest) * weights).sum(-1)
+            tail = tail + (1 - self.value_weight) * terminal
         if self.value_weight:
-            energy = energy + self.value_weight * gammas[-1] * self.critic.value(states[-1])
+            tail = tail + self.value_weight * self.critic.value(states[-1])
+        energy = energy + gammas[-1] * tail
         if self.first_action_cost is not None:
-            energy = energy + self.first_action_cost(observation, actions[0])
-        if goal is not None:
-            distance = self.goal_distance(states[1:], goal)  # (H, B)
+            energy = energy + self.first_action_cost(context.observation, actions[0])
+        if context.goal is not None:
+            distance = self.goal_distance(states[1:], context.goal)  # (H, B)
             energy = energy + self.goal_config.weight * (gammas[1:, None] * distance).sum(0) \
                 + self.goal_config.final_weight * distance[-1]
             if self.goal_config.critic_final_weight:
                 # With metric "critic" the last distance already is the critic's steps from s_H.
                 steps = distance[-1] if self.goal_config.metric == "critic" \
-                    else self.goal_critic.steps(states[-1], goal)
+                    else self.goal_critic.steps(states[-1], context.goal)
                 energy = energy + self.goal_config.critic_final_weight * steps
-        if visited is not None and self.boredom_weight:
-            bored = boredom(states[1:], visited, self.boredom_radius).sum(0)
-            if boredom_scale is not None:
-                bored = boredom_scale * bored
+        if context.visited is not None and self.boredom_weight:
+            bored = boredom(states[1:], context.visited, self.boredom_radius).sum(0)
+            if context.boredom_scale is not None:
+                bored = context.boredom_scale * bored
             energy = energy + self.boredom_weight * bored
         return energy, states
 
@@ -98,29 +135,19 @@ class PlanEnergy:
             return self.goal_critic.steps(states, goal)
         return latent_goal_distance(states, goal, self.goal_config.metric)
 
-    def _summed(self, actions: torch.Tensor, state: torch.Tensor, analytic_weights: torch.Tensor,
-                use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
-                goal: torch.Tensor | None, visited: torch.Tensor | None, boredom_scale: torch.Tensor | None
+    def _summed(self, actions: torch.Tensor, state: torch.Tensor, context: PlanContext
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        energy, states = self(state, actions, analytic_weights, use_step_head, readout_offset, observation, goal,
-                              visited, boredom_scale)
+        energy, states = self(state, actions, context)
         return energy.sum(), (energy, states)
 
-    def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, analytic_weights: torch.Tensor,
-                       use_step_head: bool, readout_offset: torch.Tensor, observation: torch.Tensor,
-                       goal: torch.Tensor | None = None, visited: torch.Tensor | None = None,
-                       boredom_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, context: PlanContext
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (energy (B,), d energy / d actions (H, B, A), states (H+1, B, D)); no gradient reaches
         the parameters."""
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
-            return autograd_energy_and_grad(
-                lambda s, a: self(s, a, analytic_weights, use_step_head, readout_offset, observation, goal, visited,
-                                  boredom_scale),
-                state.detach(), actions)
+            return autograd_energy_and_grad(lambda s, a: self(s, a, context), state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
-            grad, (_, (energy, states)) = self._compiled_value_and_grad(
-                actions.detach(), state.detach(), analytic_weights, use_step_head, readout_offset, observation,
-                goal, visited, boredom_scale)
+            grad, (_, (energy, states)) = self._compiled_value_and_grad(actions.detach(), state.detach(), context)
         return energy, grad, states
 
     def compile(self) -> None:
@@ -141,10 +168,9 @@ class PlanEnergy:
     def bind(self, weights: torch.Tensor, readout_offset: torch.Tensor | None = None,
              observation: torch.Tensor | None = None, goal: torch.Tensor | None = None,
              visited: torch.Tensor | None = None, boredom_scale: torch.Tensor | None = None) -> BoundEnergy:
-        """The energy for one task's weights: (T,), and one batch's readout offset and observation:
-        (B, Q) each (WorldModel.readout_offset; zeros when None), latent goal: (B, D) or None, the
-        episode's trail of visited latents: (B, V, D) or None (memory.EpisodeTrail), and the configurator's
-        factor on the boredom weight: (B,) or None (1)."""
+        """The energy of one plan: the task's weights (T,), and per environment (B rows) the readout offset and
+        observation (B, Q) each (zeros when None), the latent goal (B, D), the episode's trail of visited
+        latents (B, V, D) (memory.EpisodeTrail) and the configurator's factor on the boredom weight (B,)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
         if self.first_action_cost is not None and observation is None:
@@ -154,48 +180,40 @@ class PlanEnergy:
             raise ValueError("agent.cost.goal.metric='critic' and critic_final_weight need a trained goal critic: "
                              "train one with reward_free.critic_updates > 0, or use metric l2 with "
                              "critic_final_weight 0")
-        return BoundEnergy(self, analytic, use_step_head, readout_offset, observation, goal, visited, boredom_scale)
+        rows = next((t.shape[0] for t in (readout_offset, observation, goal, visited, boredom_scale) if t is not None),
+                    None)
+        zeros = None if rows is None else weights.new_zeros(rows, len(self.world_model.observation_names))
+        context = PlanContext(analytic, use_step_head, zeros if readout_offset is None else readout_offset,
+                              zeros if observation is None else observation, goal, visited, boredom_scale)
+        return BoundEnergy(self, context)
 
 
 class BoundEnergy:
-    """An EnergyFn with its weights, readout offset and goal fixed, and a fast action gradient."""
+    """An EnergyFn with its plan's context fixed, and a fast action gradient."""
 
-    def __init__(self, energy: PlanEnergy, analytic_weights: torch.Tensor, use_step_head: bool,
-                 readout_offset: torch.Tensor | None = None, observation: torch.Tensor | None = None,
-                 goal: torch.Tensor | None = None, visited: torch.Tensor | None = None,
-                 boredom_scale: torch.Tensor | None = None) -> None:
+    def __init__(self, energy: PlanEnergy, context: PlanContext) -> None:
         self.energy = energy
-        self.analytic_weights = analytic_weights
-        self.use_step_head = use_step_head
-        self.readout_offset = readout_offset
-        self.observation = observation
-        self.goal = goal
-        self.visited = visited
-        self.boredom_scale = boredom_scale
+        self.context = context
+        self._repeated: dict[int, PlanContext] = {}
 
-    @staticmethod
-    def _repeat(per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor | None:
-        """(B, ...) -> (B', ...) for a state batch of B' rows: planners repeat each environment's state once
-        per candidate, so B' is a multiple of the bound tensor's B."""
-        return None if per_env is None else per_env.repeat_interleave(state.shape[0] // per_env.shape[0], dim=0)
-
-    def _rows(self, per_env: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-        """(B', Q), zeros when per_env is None."""
-        if per_env is None:
-            return state.new_zeros(state.shape[0], len(self.energy.world_model.observation_names))
-        return self._repeat(per_env, state)
-
-    def _context(self, state: torch.Tensor) -> tuple:
-        return (self.analytic_weights, self.use_step_head, self._rows(self.readout_offset, state),
-                self._rows(self.observation, state), self._repeat(self.goal, state), self._repeat(self.visited, state),
-                self._repeat(self.boredom_scale, state))
+    def _context(self, state: torch.Tensor) -> PlanContext:
+        """The context for a batch of state rows, made once per row count (a plan calls the energy with the same
+        few row counts every iteration)."""
+        rows = state.shape[0]
+        if rows not in self._repeated:
+            context = self.context
+            if context.readout_offset is None:  # bound without any per-environment tensor: zeros for every row
+                zeros = state.new_zeros(rows, len(self.energy.world_model.observation_names))
+                context = dataclasses.replace(context, readout_offset=zeros, observation=zeros)
+            self._repeated[rows] = context.repeat(rows)
+        return self._repeated[rows]
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.energy._forward(state, actions, *self._context(state))
+        return self.energy._forward(state, actions, self._context(state))
 
     def value_and_grad(self, state: torch.Tensor,
                        actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.energy.value_and_grad(state, actions, *self._context(state))
+        return self.energy.value_and_grad(state, actions, self._context(state))
 
 
 class Policy(nn.Module):
@@ -218,66 +236,103 @@ class Policy(nn.Module):
         return torch.stack(actions)
 
 
-class Actor:
-    """Chooses actions for a batch of environments, keeping each one's previous plan as warm start."""
+@dataclass
+class ActorEpisodes:
+    """What the actor carries from one step of its environments' episodes to the next.
 
-    def __init__(self, policy: Policy, energy: PlanEnergy, action_dim: int, config: ActorConfig) -> None:
+    previous: (H, B, A) each environment's last plan (the next warm start); held: the plan being followed
+    between planning calls (replan_every > 1), held_age steps old; random_actions: (B, A) the random
+    proposals being held (random_hold > 1)."""
+
+    previous: torch.Tensor | None = None
+    held: Plan | None = None
+    held_age: int = 0
+    random_actions: torch.Tensor | None = None
+
+
+class Actor:
+    """Chooses actions for a batch of environments, keeping each one's previous plan as warm start.
+
+    planner: anything with GradientPlanner's plan(); build_planner makes the configured one."""
+
+    def __init__(self, policy: Policy, energy: PlanEnergy, planner: object, action_dim: int, config: ActorConfig,
+                 repairs: Repairs | None = None) -> None:
         self.config = config
         self.policy = policy
         self.energy = energy
+        self.planner = planner
         self.action_dim = action_dim
-        self.planner = GradientPlanner(config) if config.planner == "gradient" else MPPIPlanner(config)
-        self.previous: torch.Tensor | None = None  # (H, B, A)
-        self.held: Plan | None = None  # the plan being followed between planning calls (replan_every > 1)
-        self.held_age = 0
+        self.repairs = repairs or Repairs()
+        self.episodes = ActorEpisodes()
 
     def reset(self, done: torch.Tensor | None = None) -> None:
         """Forget warm starts: all of them, or where done: (B,) is True."""
-        self.held = None  # any environment starting afresh replans at once
-        if done is None or self.previous is None:
-            self.previous = None
+        episodes = self.episodes
+        if done is not None and not bool(done.any()):
+            return
+        episodes.held = None  # any environment starting afresh replans at once
+        if done is None or episodes.previous is None:
+            episodes.previous = None
         else:
-            self.previous[:, done.to(self.previous.device)] = 0.0
+            episodes.previous[:, done.to(episodes.previous.device)] = 0.0
 
     def _follow(self, batch: int) -> Plan | None:
         """The held plan advanced by one step, while replan_every allows and actions remain."""
-        plan = self.held
-        if plan is None or self.held_age + 1 >= self.config.replan_every or plan.actions.shape[0] < 2 \
+        episodes = self.episodes
+        plan = episodes.held
+        if plan is None or episodes.held_age + 1 >= self.config.replan_every or plan.actions.shape[0] < 2 \
                 or plan.actions.shape[1] != batch:
             return None
-        self.held_age += 1
-        plan = Plan(plan.actions[1:], plan.energy_before, plan.energy_after, plan.states[1:],
-                    plan.candidates[1:], plan.candidate_energy, 0.0, plan.mode)
-        self.held, self.previous = plan, plan.actions
+        episodes.held_age += 1
+        plan = dataclasses.replace(plan, actions=plan.actions[1:], states=plan.states[1:],
+                                   candidates=plan.candidates[1:], plan_time_s=0.0)
+        episodes.held, episodes.previous = plan, plan.actions
         return plan
 
     def warm_start(self, batch: int, horizon: int) -> torch.Tensor | None:
-        prev = self.previous
+        prev = self.episodes.previous
         if prev is None or prev.shape[1] != batch:
             return None
         return shift_plan(prev, horizon)
 
-    def act(self, percept: Percept, task: Task, weights: torch.Tensor,
-            generator: torch.Generator | None = None) -> Plan:
+    def random_plan(self, state: torch.Tensor, generator: torch.Generator | None) -> Plan:
+        """Uniform random proposals, each held for a geometric number of steps (mean random_hold): (1, B, A)."""
+        batch, device = state.shape[0], state.device
+        held = self.episodes.random_actions
+        fresh = torch.rand(batch, self.action_dim, generator=generator).to(device) * 2 - 1
+        if held is None or held.shape[0] != batch:
+            held = fresh
+        else:
+            change = torch.rand(batch, generator=generator).to(device) < 1.0 / self.config.random_hold
+            held = torch.where(change[:, None], fresh, held)
+        self.episodes.random_actions = held
+        zeros = state.new_zeros(batch)
+        return Plan(held[None], zeros, zeros, state[None], held[None, :, None], zeros[:, None], None, 0.0, "random")
+
+    def act(self, percept: Percept, task: Task, generator: torch.Generator | None = None) -> Plan:
         """percept.state: (B, D) -> Plan with actions (H, B, A)."""
         state = percept.state.detach()
+        if task.mode == "random":
+            return self.random_plan(state, generator)
         if task.mode == "mode2" and (followed := self._follow(state.shape[0])) is not None:
             return followed
-        energy_fn = self.energy.bind(weights, self.energy.world_model.readout_offset(percept), percept.observation,
-                                     task.goal, task.visited, task.boredom_scale)
+        energy_fn = self.energy.bind(task.weight_vector, percept.readout_offset, percept.observation, task.goal,
+                                     task.visited, task.boredom_scale)
         proposal = self.policy.propose(state, self.energy.world_model, task.horizon)
         if task.mode == "mode1":
             start = time.perf_counter()
             with torch.no_grad():
                 energy, states = energy_fn(state, proposal)
-            plan = Plan(proposal, energy, energy, states, proposal[:, :, None], energy[:, None],
+            plan = Plan(proposal, energy, energy, states, proposal[:, :, None], energy[:, None], energy,
                         time.perf_counter() - start, "mode1")
         else:
             plan = self.planner.plan(state, energy_fn, task.horizon, task.iterations, self.action_dim,
                                      self.warm_start(state.shape[0], task.horizon), proposal, generator)
-        if torch.isfinite(plan.actions).all():
-            self.previous = plan.actions
-        else:  # never warm-start from a broken plan; the agent sends a safe action instead
-            self.previous = None
-        self.held, self.held_age = (plan, 0) if self.previous is not None and task.mode == "mode2" else (None, 0)
+        finite = torch.isfinite(plan.actions).flatten(2).all(2).all(0)  # (B,)
+        self.repairs.count("dropped_plans", ~finite)
+        # Never warm-start from a broken plan (the agent sends a safe action instead).
+        self.episodes.previous = torch.where(finite[None, :, None], plan.actions, 0.0)
+        follow = task.mode == "mode2" and bool(finite.all())
+        self.episodes.held, self.episodes.held_age = (plan, 0) if follow else (None, 0)
         return plan
+

@@ -1,35 +1,65 @@
 """Configurator: turns the run's configuration and the modules' reports into each step's Task.
 
-Rule-based. It owns the non-guardrail cost weights, the planning budget and the mode; guardrail
-terms are outside its reach, and trying to set one raises GuardrailError. One rule watches progress: while
-the distance to the goal stalls, it turns the boredom weight up, so that the place the agent is stuck in
-wears out faster than the world model's false promise of a way through (a wall it lets plans slip past).
+Rule-based. It owns the non-guardrail cost weights, the planning budget and the mode; guardrail terms are
+outside its reach, and trying to set one raises GuardrailError. Two rules watch how things go:
+
+- The mode switch (mode "auto"): Mode-2 prices Mode-1's proposal beside its own plan on every state it plans
+  from. While the proposal's energy is within mode1_gap of the plan's (relative, averaged over recent plans),
+  Mode-1 acts alone, with a Mode-2 audit every audit_every steps; once the gap grows past twice that, Mode-2
+  takes control back.
+- The stall rule: while the distance to the goal stalls, it turns the boredom weight up, so that the place the
+  agent is stuck in wears out faster than the world model's false promise of a way through (a wall it lets
+  plans slip past).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from ami.config import ConfiguratorConfig
-from ami.messages import Percept, Task
+from ami.messages import Percept, Plan, Task
 from modules.cost import GuardrailError, latent_goal_distance
+
+GAP_RATE = 0.25  # weight of the newest plan in the running energy gap: a few plans decide, one outlier does not
+
+
+@dataclass
+class ConfiguratorState:
+    """What the rules carry from step to step. Per environment: best_distance (B,) the closest latent goal
+    distance this episode, stalled_steps (B,) steps since it last fell by stall_margin. The mode switch:
+    mode1_acting, gap (the running relative energy gap of Mode-1's proposals), steps_since_audit."""
+
+    best_distance: torch.Tensor | None = None
+    stalled_steps: torch.Tensor | None = None
+    mode1_acting: bool = False
+    gap: float | None = None
+    steps_since_audit: int = 0
+
+    def fresh_episodes(self) -> ConfiguratorState:
+        """The same mode decision, no episode under way (for evaluation beside a training episode)."""
+        return dataclasses.replace(self, best_distance=None, stalled_steps=None)
 
 
 class Configurator:
-    """term_weights: every intrinsic-cost term's default weight; guardrails: the fixed ones."""
+    """term_weights: every intrinsic-cost term's default weight, in the intrinsic cost's order; guardrails: the
+    fixed ones."""
 
     def __init__(self, config: ConfiguratorConfig, term_weights: Mapping[str, float],
-                 guardrails: Iterable[str], horizon: int, iterations: int) -> None:
+                 guardrails: Iterable[str], horizon: int, iterations: int,
+                 device: torch.device | str = "cpu") -> None:
         self.config = config
         self.guardrails = frozenset(guardrails)
-        self._weights = {n: float(w) for n, w in term_weights.items() if n not in self.guardrails}
+        self._defaults = {n: float(w) for n, w in term_weights.items()}
+        self._weights = {n: w for n, w in self._defaults.items() if n not in self.guardrails}
         self.horizon = horizon
         self.iterations = iterations
-        self.policy_error = float("inf")
-        self.best_distance: torch.Tensor | None = None  # (B,) each env's closest latent goal distance so far
-        self.stalled_steps: torch.Tensor | None = None  # (B,) steps since it last fell by stall_margin
+        self.device = torch.device(device)
+        self.state = ConfiguratorState()
+        self._weight_vector: torch.Tensor | None = None
         for name, value in config.weights.items():
             self.set_weight(name, value)
 
@@ -40,45 +70,78 @@ class Configurator:
         if name not in self._weights:
             raise KeyError(f"configurator: no cost term {name!r}; expected one of {sorted(self._weights)}")
         self._weights[name] = float(value)
+        self._weight_vector = None
 
     @property
     def weights(self) -> dict[str, float]:
         return dict(self._weights)
 
-    def report(self, policy_error: float | None = None) -> None:
-        """Modules report how they are doing; the rules below read it."""
-        if policy_error is not None:
-            self.policy_error = policy_error
+    @property
+    def weight_vector(self) -> torch.Tensor:
+        """(T,) every term's weight in the intrinsic cost's order, guardrails at their fixed weights."""
+        if self._weight_vector is None:
+            self._weight_vector = torch.tensor([self._weights.get(n, w) for n, w in self._defaults.items()],
+                                               device=self.device)
+        return self._weight_vector
 
-    def configure(self, percept: Percept, visited: torch.Tensor | None = None) -> Task:
+    def configure(self, percept: Percept, visited: torch.Tensor | None = None, random: bool = False) -> Task:
         """visited: (B, V, D) the latents this episode has passed through (memory.EpisodeTrail), passed on
-        to the boredom term, with the stall rule's factor on its weight when the rule is on."""
-        mode = self.config.mode
-        if mode == "auto":
-            mode = "mode1" if self.policy_error < self.config.auto_mode1_error else "mode2"
+        to the boredom term, with the stall rule's factor on its weight when the rule is on. random: the run's
+        schedule asks for random proposals (the seed phase, reward-free collection)."""
         scale = None
         if self.config.stall_patience and visited is not None and percept.goal is not None:
             scale = self.stall_scale(latent_goal_distance(percept.state, percept.goal, "l2"))
-        return Task(self.weights, self.horizon, self.iterations, mode, percept.goal, visited, scale)
+        mode = "random" if random else self.mode()
+        return Task(self.weights, self.weight_vector, self.horizon, self.iterations, mode, percept.goal, visited,
+                    scale)
+
+    def mode(self) -> str:
+        """This step's mode: the configured one, or, with "auto", the switch's (audits included)."""
+        if self.config.mode != "auto":
+            return self.config.mode
+        state = self.state
+        if not state.mode1_acting:
+            return "mode2"
+        state.steps_since_audit += 1
+        if state.steps_since_audit >= self.config.audit_every:
+            state.steps_since_audit = 0
+            return "mode2"
+        return "mode1"
+
+    def report(self, plan: Plan) -> None:
+        """A fresh Mode-2 plan with Mode-1's proposal priced beside it moves the mode switch."""
+        if self.config.mode != "auto" or plan.mode != "mode2" or plan.proposal_energy is None \
+                or plan.plan_time_s == 0.0:  # a held plan followed, not planned
+            return
+        gap = float((plan.proposal_energy - plan.energy_after).mean()
+                    / plan.energy_after.abs().mean().clamp_min(1e-6))
+        state = self.state
+        state.gap = gap if state.gap is None else (1 - GAP_RATE) * state.gap + GAP_RATE * gap
+        if state.mode1_acting and state.gap > 2 * self.config.mode1_gap:
+            state.mode1_acting = False
+        elif not state.mode1_acting and state.gap <= self.config.mode1_gap:
+            state.mode1_acting, state.steps_since_audit = True, 0
 
     def stall_scale(self, distance: torch.Tensor) -> torch.Tensor:
         """distance: (B,) this step's latent goal distance -> (B,) 1 + stalled steps / stall_patience.
 
         A step counts as progress when the distance falls stall_margin below the best so far; a new batch
         size starts every count afresh."""
-        if self.best_distance is None or self.best_distance.shape != distance.shape:
-            self.best_distance = torch.full_like(distance, float("inf"))
-            self.stalled_steps = torch.zeros_like(distance)
-        progress = distance < self.best_distance - self.config.stall_margin
-        self.best_distance = torch.where(progress, distance, self.best_distance)
-        self.stalled_steps = torch.where(progress, 0.0, self.stalled_steps + 1)
-        return 1 + self.stalled_steps / self.config.stall_patience
+        state = self.state
+        if state.best_distance is None or state.best_distance.shape != distance.shape:
+            state.best_distance = torch.full_like(distance, float("inf"))
+            state.stalled_steps = torch.zeros_like(distance)
+        progress = distance < state.best_distance - self.config.stall_margin
+        state.best_distance = torch.where(progress, distance, state.best_distance)
+        state.stalled_steps = torch.where(progress, 0.0, state.stalled_steps + 1)
+        return 1 + state.stalled_steps / self.config.stall_patience
 
     def reset(self, done: torch.Tensor | None = None) -> None:
         """A new episode, everywhere or where done: (B,) is True: no best distance, no stall."""
-        if done is None or self.best_distance is None:
-            self.best_distance = self.stalled_steps = None
+        state = self.state
+        if done is None or state.best_distance is None:
+            state.best_distance = state.stalled_steps = None
             return
-        done = done.to(self.best_distance.device)
-        self.best_distance[done] = float("inf")
-        self.stalled_steps[done] = 0.0
+        done = done.to(state.best_distance.device)
+        state.best_distance[done] = float("inf")
+        state.stalled_steps[done] = 0.0

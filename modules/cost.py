@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ami.config import CostConfig, CostTermConfig, GoalConfig
-from modules.perception import mlp, soft_update
+from modules.nn import mlp, soft_update
 
 
 class GuardrailError(RuntimeError):
@@ -112,10 +112,13 @@ FORMULAS: dict[str, AnalyticFormula] = {
     "norm_bound": _norm_bound,
 }
 
-# Measured formulas: (reward, info, params) -> float, on real transitions only.
-MEASURED: dict[str, Callable[[float, Mapping[str, Any], Mapping[str, Any]], float]] = {
-    "env_reward": lambda reward, info, p: -float(reward) * float(p.get("scale", 1.0)),
-    "info_cost": lambda reward, info, p: float(info.get(p.get("key", "cost"), 0.0)),
+# Measured formulas, on real transitions only: (reward (B,), info, params) -> (B,), where info maps a key to
+# each environment's value (B,) (ami.loop.step_info: 0 where an environment did not report it).
+MeasuredFormula = Callable[[torch.Tensor, Mapping[str, Any], Mapping[str, Any]], torch.Tensor]
+MEASURED: dict[str, MeasuredFormula] = {
+    "env_reward": lambda reward, info, p: -reward * float(p.get("scale", 1.0)),
+    "info_cost": lambda reward, info, p: torch.as_tensor(info.get(p.get("key", "cost"), 0.0),
+                                                         dtype=torch.float32).expand_as(reward),
 }
 
 
@@ -215,13 +218,14 @@ class IntrinsicCost:
                   for _, f, k, _, p in self._terms]
         return torch.stack(values, dim=-1) if values else quantities.new_zeros(*quantities.shape[:-1], 0)
 
-    def real_terms(self, obs: torch.Tensor, action: torch.Tensor, reward: float,
+    def real_terms(self, quantities: torch.Tensor, action: torch.Tensor, reward: torch.Tensor,
                    info: Mapping[str, Any]) -> torch.Tensor:
-        """A real transition's raw terms (T,): analytic ones on the true observation quantities."""
-        terms = self.analytic_terms(obs.float(), action.float())
+        """Real transitions' raw terms: quantities (B, Q) the observed ones, action (B, A), reward (B,), info
+        key -> (B,) -> (B, T); analytic terms on the true quantities, measured ones from reward and info."""
+        terms = self.analytic_terms(quantities.float(), action.float())
         for i, (_, formula, kind, _, params) in enumerate(self._terms):
             if kind == "measured":
-                terms[i] = MEASURED[formula](reward, info, params)
+                terms[:, i] = MEASURED[formula](reward.float(), info, params)
         return terms
 
     def guardrail_violation(self, quantities: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -302,13 +306,18 @@ class TrainableCritic(nn.Module):
 
     def loss(self, states: torch.Tensor, actions: torch.Tensor, total_costs: torch.Tensor,
              measured_costs: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """states: (L + 1, B, D) detached latents; actions: (L, B, A); costs, terminated: (L, B)."""
+        """states: (L + 1, B, D) detached latents; actions: (L, B, A); costs, terminated: (L, B).
+
+        With discount 1 an episode that never terminates has no finite cost-to-go: the value head is not
+        trained then (and cannot price plans: the configuration requires value_weight 0), the step head is."""
+        step_loss = (self.step_cost(states[:-1], actions) - measured_costs).pow(2).mean()
+        if self.config.discount >= 1.0:
+            return step_loss, {"step_loss": step_loss.item()}
         with torch.no_grad():
             bootstrap = self.target_value_head(states[-1]).squeeze(-1)
             terminal_value = self.config.termination_cost / (1.0 - self.config.discount)
             targets = value_targets(total_costs, terminated, bootstrap, self.config.discount, terminal_value)
         value_loss = (self.value(states[:-1]) - targets).pow(2).mean()
-        step_loss = (self.step_cost(states[:-1], actions) - measured_costs).pow(2).mean()
         stats = {"value_loss": value_loss.item(), "step_loss": step_loss.item(),
                  "value_mean": targets.mean().item()}
         return value_loss + step_loss, stats

@@ -8,24 +8,7 @@ import torch
 from torch import nn
 
 from ami.config import PerceptionConfig
-
-
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """Linear-LayerNorm-SiLU blocks, then a linear output. LayerNorm keeps planning gradients tame."""
-    blocks: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(layers):
-        blocks += [nn.Linear(dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU()]
-        dim = hidden_dim
-    blocks.append(nn.Linear(dim, out_dim))
-    return nn.Sequential(*blocks)
-
-
-@torch.no_grad()
-def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """Polyak averaging: each target parameter moves a share tau of the way to its online twin."""
-    for target_param, online_param in zip(target.parameters(), online.parameters(), strict=True):
-        target_param.lerp_(online_param, tau)
+from modules.nn import mlp, soft_update
 
 
 class RunningNorm(nn.Module):
@@ -59,12 +42,21 @@ class RunningNorm(nn.Module):
         var = self.m2 / self.count.clamp(min=1.0)
         return (var + self.eps).sqrt().float()
 
+    LIMIT = 10.0  # normalised entries are clipped to +-LIMIT
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)
+        return (x - self.mean.float()) / self.std if self.count >= 2 else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Clamped even before statistics exist: one wild observation must not overflow the encoder.
-        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)
-        if self.count >= 2:
-            x = (x - self.mean.float()) / self.std
-        return x.clamp(-10.0, 10.0)
+        return self._normalised(x).clamp(-self.LIMIT, self.LIMIT)
+
+    @torch.no_grad()
+    def repaired(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, dim) -> (B, dim) True where forward changes the value it would otherwise use: a non-finite
+        entry, or one clipped at +-LIMIT once normalised."""
+        return ~torch.isfinite(x) | (self._normalised(x).abs() > self.LIMIT)
 
 
 class Perception(nn.Module):
@@ -83,11 +75,13 @@ class Perception(nn.Module):
         self.encoder = mlp(obs_dim, config.hidden_dim, config.latent_dim)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, vector: None = None) -> torch.Tensor:
+        """obs: (B, obs_dim) -> (B, D); a vector observation has no separate vector (the argument keeps one
+        signature with ImagePerception)."""
         return self.encoder(self.normalizer(obs))
 
     @torch.no_grad()
-    def target(self, obs: torch.Tensor) -> torch.Tensor:
+    def target(self, obs: torch.Tensor, vector: None = None) -> torch.Tensor:
         """obs: (..., obs_dim) -> (..., D), no gradient."""
         encoder = self.target_encoder if self.config.target == "ema" else self.encoder
         return encoder(self.normalizer(obs))

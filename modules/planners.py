@@ -14,6 +14,7 @@ import torch
 
 from ami.config import ActorConfig
 from ami.messages import Plan
+from modules.nn import Repairs
 
 EnergyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,14 +56,16 @@ class _Best:
     by about lr whatever its gradient, which on a sensitive system (a pole one push from falling)
     can make a good sequence worse. The planner never returns worse than it has already evaluated."""
 
-    def __init__(self, actions: torch.Tensor) -> None:
+    def __init__(self, actions: torch.Tensor, repairs: Repairs) -> None:
         self.actions = actions  # (H, M, A)
         self.energy: torch.Tensor | None = None  # (M,)
         self.states: torch.Tensor | None = None  # (H + 1, M, D)
         self.first_energy: torch.Tensor | None = None
+        self.repairs = repairs
 
     def offer(self, actions: torch.Tensor, energy: torch.Tensor, states: torch.Tensor) -> None:
         # A non-finite energy (a diverged imagined state) must never win.
+        self.repairs.count("nonfinite_energies", ~torch.isfinite(energy))
         energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
         if self.energy is None:
             self.actions, self.energy, self.states, self.first_energy = actions, energy, states, energy
@@ -83,8 +86,9 @@ class GradientPlanner:
     after each step keeps actions in bounds without the vanishing gradients of a squashing function.
     """
 
-    def __init__(self, config: ActorConfig) -> None:
+    def __init__(self, config: ActorConfig, repairs: Repairs | None = None) -> None:
         self.config = config
+        self.repairs = repairs or Repairs()
 
     def initial_candidates(self, batch: int, horizon: int, action_dim: int, device: torch.device,
                            warm_start: torch.Tensor | None, proposal: torch.Tensor | None,
@@ -133,6 +137,7 @@ class GradientPlanner:
             return candidates
         pool = self.fresh_levels(cfg.screen_samples, batch, horizon, action_dim, generator).to(state.device)
         energy, _ = energy_fn(state.repeat_interleave(cfg.screen_samples, dim=0), pool.flatten(1, 2))
+        self.repairs.count("nonfinite_energies", ~torch.isfinite(energy))
         energy = torch.nan_to_num(energy.view(batch, -1), nan=float("inf"), posinf=float("inf"))
         best = energy.topk(fresh, dim=1, largest=False).indices  # (B, fresh)
         candidates = candidates.clone()
@@ -154,10 +159,11 @@ class GradientPlanner:
         # on a tensor this small, and planning runs every env step.
         beta1, beta2, eps = 0.9, 0.999, 1e-8
         first, second = torch.zeros_like(actions), torch.zeros_like(actions)
-        kept = _Best(actions)
+        kept = _Best(actions, self.repairs)
         for k in range(1, iterations + 1):
             energy, grad, states = energy_and_grad(energy_fn, states_in, actions)
             kept.offer(actions, energy, states)
+            self.repairs.count("nonfinite_gradients", ~torch.isfinite(grad))
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             first = beta1 * first + (1 - beta1) * grad
             second = beta2 * second + (1 - beta2) * grad.square()
@@ -166,18 +172,19 @@ class GradientPlanner:
         with torch.no_grad():
             energy, states = energy_fn(states_in, actions)
         kept.offer(actions, energy, states)
-        energy_before = kept.first_energy.view(batch, n).min(1).values
+        first = kept.first_energy.view(batch, n)
         best_actions, best_energy, best_states = _pick_best(kept.actions, kept.energy, kept.states, batch)
-        return Plan(best_actions, energy_before, best_energy, best_states,
+        return Plan(best_actions, first.min(1).values, best_energy, best_states,
                     kept.actions.view(horizon, batch, n, action_dim), kept.energy.view(batch, n),
-                    time.perf_counter() - start, "mode2")
+                    first[:, 1] if proposal is not None and n > 1 else None, time.perf_counter() - start, "mode2")
 
 
 class MPPIPlanner:
     """Sampling-based planner (MPPI): the same interface as GradientPlanner, for comparison."""
 
-    def __init__(self, config: ActorConfig) -> None:
+    def __init__(self, config: ActorConfig, repairs: Repairs | None = None) -> None:
         self.config = config
+        self.repairs = repairs or Repairs()
 
     @torch.no_grad()
     def plan(self, state: torch.Tensor, energy_fn: EnergyFn, horizon: int, iterations: int,
@@ -191,7 +198,7 @@ class MPPIPlanner:
             else warm_start.clone()
         std = torch.full_like(mean, 2 * cfg.init_std)
         states_in = state.repeat_interleave(n, dim=0)
-        energy_before = None
+        energy_before = proposal_energy = None
         for _ in range(max(iterations, 1)):
             noise = torch.randn(horizon, batch, n, action_dim, generator=generator).to(state.device)
             samples = (mean[:, :, None] + std[:, :, None] * noise).clamp(-1.0, 1.0)
@@ -199,9 +206,11 @@ class MPPIPlanner:
             if proposal is not None and n > 1:
                 samples[:, :, 1] = proposal
             energy, _ = energy_fn(states_in, samples.flatten(1, 2))
+            self.repairs.count("nonfinite_energies", ~torch.isfinite(energy))
             energy = torch.nan_to_num(energy.view(batch, n), nan=1e30, posinf=1e30)
             if energy_before is None:
                 energy_before = energy.min(1).values
+                proposal_energy = energy[:, 1] if proposal is not None and n > 1 else None
             elite_energy, elite_idx = energy.topk(elite, dim=1, largest=False)  # (B, E)
             weights = torch.softmax(-(elite_energy - elite_energy[:, :1]) / cfg.mppi_temperature, 1)
             gather = elite_idx[None, :, :, None].expand(horizon, batch, elite, action_dim)
@@ -210,7 +219,7 @@ class MPPIPlanner:
             mean = (w * elites).sum(2)
             std = ((w * (elites - mean[:, :, None]) ** 2).sum(2)).sqrt().clamp(cfg.mppi_min_std, 2.0)
         final_energy, final_states = energy_fn(state, mean)
-        return Plan(mean, energy_before, final_energy, final_states, samples, energy,
+        return Plan(mean, energy_before, final_energy, final_states, samples, energy, proposal_energy,
                     time.perf_counter() - start, "mode2")
 
 

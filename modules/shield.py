@@ -201,22 +201,24 @@ class Shield:
             return ShieldDecision(proposed, no, no, torch.zeros(batch, device=proposed.device), no, no)
         if not self.check_world_model:
             latent = None
-        fallback = self.fallback(quantities)
+        fallback = torch.nan_to_num(self.fallback(quantities), nan=0.0)  # a brake read off a NaN velocity: none
         parts = [proposed[:, None]] + ([alternatives] if alternatives is not None else []) + [fallback[:, None]]
         # (B, M, A): the proposal, the alternatives, the fallback
         candidates = torch.cat([part.to(quantities.dtype) for part in parts], dim=1).clamp(-1.0, 1.0)
         ego_cost, world_cost = self.guardrail_costs(quantities, latent, candidates, readout_offset)
         total = ego_cost + world_cost
-        tolerance = self.tolerance
-        intervened = total[:, 0] > tolerance
+        # A cost that is not a number (a non-finite observation or prediction) breaks the guardrail: only a
+        # guardrail shown to hold lets an action through.
+        breaks = lambda cost: ~(cost <= self.tolerance)  # noqa: E731
+        intervened = breaks(total[:, 0])
         # Rank replacements by guardrail cost; one that fails the ego model is never chosen over the
         # fallback. argmin keeps the first of equals: the planner's order, the fallback last.
-        ranking = total.clone()
+        ranking = torch.nan_to_num(total, nan=float("inf"))
         ranking[:, 0] = float("inf")
-        ranking[ego_cost > tolerance] = float("inf")
+        ranking[breaks(ego_cost)] = float("inf")
         choice = ranking.argmin(dim=1)
         use_fallback = torch.isinf(ranking.gather(1, choice[:, None]).squeeze(1)) | (choice == candidates.shape[1] - 1)
         replacement = torch.where(use_fallback[:, None], fallback, candidates[torch.arange(batch), choice])
         actions = torch.where(intervened[:, None], replacement, proposed)
         return ShieldDecision(actions, intervened, intervened & use_fallback, total[:, 0],
-                              ego_cost[:, 0] > tolerance, world_cost[:, 0] > tolerance)
+                              breaks(ego_cost[:, 0]), breaks(world_cost[:, 0]))

@@ -16,7 +16,8 @@ from torch import nn
 
 from ami.config import WorldModelConfig
 from ami.messages import Percept
-from modules.perception import ImagePerception, Perception, mlp
+from modules.nn import mlp
+from modules.perception import ImagePerception, Perception
 
 
 @dataclass(frozen=True)
@@ -105,22 +106,27 @@ class WorldModel(nn.Module):
                                                               dtype=torch.float32)
         return predicted, (weights * by_horizon).sum() / weights.sum(), by_horizon
 
-    def loss(self, perception: Perception | ImagePerception, obs: torch.Tensor, actions: torch.Tensor
-             ) -> WorldModelLosses:
-        """obs: (K + 1, B, *obs_shape) contiguous, within one episode (vectors, or uint8 images whose
-        readout has no quantities); actions: (K, B, A)."""
+    def loss(self, perception: Perception | ImagePerception, obs: torch.Tensor, actions: torch.Tensor,
+             vector: torch.Tensor | None = None) -> tuple[WorldModelLosses, torch.Tensor]:
+        """obs: (K + 1, B, *obs_shape) contiguous, within one episode (vectors, or uint8 images); vector:
+        (K + 1, B, Q) a dict observation's vector beside its image, else None; actions: (K, B, A). The named
+        quantities the readout learns are the vector observation, or a dict observation's vector.
+        -> (the losses, the online encodings (K + 1, B, D) detached: the critic's states)."""
         cfg = self.config
-        online = perception(obs.flatten(0, 1)).view(*obs.shape[:2], -1)  # (K + 1, B, D)
+        flat_vector = None if vector is None else vector.flatten(0, 1)
+        online = perception(obs.flatten(0, 1), flat_vector).view(*obs.shape[:2], -1)  # (K + 1, B, D)
         # With a stop-gradient target the online encodings are the targets: no second encoder pass.
-        targets = online[1:].detach() if perception.config.target == "stopgrad" else perception.target(obs[1:])
+        targets = online[1:].detach() if perception.config.target == "stopgrad" else \
+            perception.target(obs[1:], None if vector is None else vector[1:])
         predicted, prediction, by_horizon = self.prediction_loss(online[0], actions, targets)
         zero = prediction.new_zeros(())
         readout = zero
         if self.observation_names:
             # Readout on the encoder's state and on every imagined one, scaled per quantity so that no
             # observation unit dominates.
-            scale = perception.normalizer.std if perception.normalizer.count >= 2 else torch.ones_like(obs[0, 0])
-            readout = ((self.readout(predicted) - obs) / scale).pow(2).mean()
+            quantities = obs if vector is None else vector
+            scale = perception.normalizer.std if perception.normalizer.count >= 2 else torch.ones_like(quantities[0, 0])
+            readout = ((self.readout(predicted) - quantities) / scale).pow(2).mean()
         variance, covariance, std = variance_covariance(online.flatten(0, 1))
         inverse = smoothness = temporal = zero
         if cfg.inverse_dynamics_weight:
@@ -138,4 +144,4 @@ class WorldModel(nn.Module):
                  + cfg.smoothness_weight * smoothness + cfg.temporal_variance_weight * temporal)
         return WorldModelLosses(total, prediction.detach(), by_horizon.detach(), readout.detach(),
                                 variance.detach(), covariance.detach(), inverse.detach(), smoothness.detach(),
-                                temporal.detach(), std.detach())
+                                temporal.detach(), std.detach()), online.detach()

@@ -20,11 +20,15 @@ def test_bench_planner_writes_table_and_csv(tmp_path):
     rows = list(csv.DictReader((out / "planner.csv").open()))
     assert [row["planner"] for row in rows] == ["gradient", "mppi"]
     for row in rows:
-        assert float(row["median_ms"]) > 0
-        assert float(row["p90_ms"]) >= float(row["median_ms"])
-        assert float(row["gflops"]) > 0
-        assert 0 < float(row["ceiling_fraction"]) < 10
+        median = float(row["median_ms"]) / 1000
+        assert median > 0 and float(row["p90_ms"]) >= float(row["median_ms"])
         assert int(row["batch"]) == 8 and int(row["horizon"]) == 8  # the tiny agent's planner settings
+        # The figures are what they say: latent steps and FLOP/s per measured second, the share of the matmul's.
+        latent_steps = int(row["batch"]) * int(row["horizon"]) * max(int(row["iterations"]), 1)
+        assert float(row["latent_steps_per_s"]) == pytest.approx(latent_steps / median, rel=1e-3)
+        assert float(row["gflops"]) > 0
+        assert float(row["ceiling_fraction"]) == pytest.approx(float(row["gflops"]) / float(row["matmul_gflops"]),
+                                                               rel=1e-2)
     assert (out / "planner.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -36,36 +40,49 @@ def test_bench_planner_rejects_bad_repeats(tmp_path):
 
 
 def _control(tmp_path, vs, *extra):
-    out = tmp_path / vs
+    out = tmp_path / "control"
     result = subprocess.run(
         [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
          "train.pretrain_updates=20", "--steps", "200", "--seeds", "0", "1", "--eval-every", "100",
-         "--episodes", "2", "--vs", vs, "--mppi-budget", "16", "3", "--threshold", "-2000", "--no-progress",
-         "--out", str(out), *extra],
+         "--episodes", "2", "--vs", vs, "--threshold", "-2000", "--no-progress", "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return out, result.stdout
 
 
-@pytest.mark.parametrize(("vs", "peer_steps"), [("sac", 300), ("mppi", 200)])
-def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, peer_steps):
-    out, stdout = _control(tmp_path, vs, "--peer-steps", str(peer_steps))
+@pytest.mark.parametrize(("vs", "extra"), [("sac", ["--peer-steps", "300"]), ("train.num_envs=2", ["--jobs", "2"])])
+def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, extra):
+    out, stdout = _control(tmp_path, vs, *extra)
     rows = list(csv.DictReader((out / "results.csv").open()))
     # One row per (method, seed, eval step); the peer runs its own budget.
     keys = sorted((r["method"], int(r["seed"]), int(r["step"])) for r in rows)
-    budgets = {"ami": 200, vs: peer_steps}
+    budgets = {"ami": 200, vs: 300 if vs == "sac" else 200}
     assert keys == sorted((m, s, step) for m in ("ami", vs) for s in (0, 1)
                           for step in range(100, budgets[m] + 1, 100))
-    assert all(float(r["return_mean"]) < 0 for r in rows)  # Pendulum returns are negative
-    planning = {r["method"]: float(r["plan_ms_median"]) for r in rows}
-    assert planning["ami"] > 0
-    assert (planning[vs] > 0) if vs == "mppi" else np.isnan(planning[vs])  # SAC does not plan
-    assert "median planning time per env step" in stdout
+    # ami's rows are its runs' own evaluations, and its runs are the configured ones.
+    for seed in (0, 1):
+        evals = list(csv.DictReader((out / f"ami_s{seed}" / "eval.csv").open()))
+        assert [float(r["return_mean"]) for r in rows if (r["method"], int(r["seed"])) == ("ami", seed)] == \
+            pytest.approx([float(e["return_mean"]) for e in evals], abs=0.06)  # each written to two decimals
+        if vs != "sac":
+            assert "num_envs: 2" in (out / f"peer_s{seed}" / "config.yaml").read_text()
+    ami_rows = [r for r in rows if r["method"] == "ami"]
+    assert all(float(r["plan_ms_median"]) > 0 and float(r["steps_per_s"]) > 0 for r in ami_rows)
+    peer_rows = [r for r in rows if r["method"] == vs]
+    assert all(np.isnan(float(r["plan_ms_median"])) for r in peer_rows) if vs == "sac" else \
+        all(float(r["steps_per_s"]) > 0 for r in peer_rows)  # SAC does not plan
+    assert "median planning time per env step" in stdout and "env steps per second" in stdout
     assert f"{'ami':>20s} {vs:>20s}" in stdout
     assert "env steps to reach -2000.0" in stdout
     png = (out / "learning_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bench_control_names_a_bad_peer_override(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ami.cli", "bench", "control", "--vs", "train.num_env=2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "train.num_env" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bench_safety_compares_guarded_unguarded_and_random(tmp_path):

@@ -115,7 +115,8 @@ def test_agent_keeps_the_trail_of_its_episode_and_only_when_bored() -> None:
     g = torch.Generator().manual_seed(0)
     percepts = []
     for _ in range(3):
-        _, percept, task, _, _ = agent.act(batched(obs), generator=g)
+        action = agent.act(batched(obs), generator=g)
+        percept, task = action.percept, action.task
         percepts.append(percept.state[0])
         assert task.visited is not None and task.visited.shape == (1, 5, 32)
         obs, *_ = env.step(env.action_space.sample())
@@ -125,8 +126,7 @@ def test_agent_keeps_the_trail_of_its_episode_and_only_when_bored() -> None:
     assert agent.trail.view() is None
     plain, _ = two_rooms_agent("agent.cost.boredom_weight=0.0")
     assert plain.trail is None
-    _, _, task, _, _ = plain.act(batched(obs), generator=g)
-    assert task.visited is None
+    assert plain.act(batched(obs), generator=g).task.visited is None
     env.close()
 
 

@@ -71,7 +71,7 @@ def test_train_eval_video_and_resume(cli_run):
     resume = ami("train", "--resume", run_dir, "train.total_steps=400", "--no-progress", cwd=cli_run.runs_dir)
     assert resume.returncode == 0, resume.stderr
     assert "resuming at step 300" in resume.stdout
-    assert "done: 400 steps" in resume.stdout
+    assert "done: 400 env steps" in resume.stdout
     assert [p for p in cli_run.runs_dir.iterdir() if p.is_dir()] == [run_dir]  # no new run directory
 
 

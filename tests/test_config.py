@@ -28,6 +28,13 @@ BAD_OVERRIDES = [
     ("agent.cost.goal.critic_expectile=0", "agent.cost.goal.critic_expectile"),
     ("reward_free.critic_batch_size=0", "reward_free.critic_batch_size"),
     ("reward_free.critic_updates=-1", "reward_free.critic_updates"),
+    ("train.num_envs=0", "train.num_envs"),
+    ("env.nonfinite=ignore", "env.nonfinite"),
+    ("agent.cost.value_weight=1.5", "agent.cost.value_weight"),
+    ("agent.cost.discount=1.0", "agent.cost.value_weight"),  # a value to price plans with needs a discount
+    ("agent.actor.random_hold=0.5", "agent.actor.random_hold"),
+    ("agent.configurator.mode1_gap=-0.1", "agent.configurator.mode1_gap"),
+    ("agent.configurator.audit_every=0", "agent.configurator.audit_every"),
 ]
 
 

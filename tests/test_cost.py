@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ami.config import ConfiguratorConfig, CostConfig, CostTermConfig, load_config
+from ami.config import ConfiguratorConfig, CostConfig, CostTermConfig, RewardFreeConfig, load_config
 from ami.envs import make_env
 from ami.learner import Learner
 from modules.configurator import Configurator
@@ -99,8 +99,8 @@ def test_intrinsic_cost_has_no_parameters_and_is_in_no_optimiser(make_agent):
     ic = agent.cost.intrinsic
     assert not isinstance(ic, nn.Module)
     assert not hasattr(ic, "parameters")
-    learner = Learner(agent, cfg, seed=0)
-    in_optimisers = {id(p) for opt in learner.optimisers().values() for g in opt.param_groups for p in g["params"]}
+    learner = Learner(agent, cfg, RewardFreeConfig(), seed=0)
+    in_optimisers = {id(p) for opt in learner.optimisers.values() for g in opt.param_groups for p in g["params"]}
     assert in_optimisers  # the check below is not vacuous
     assert not {id(t) for t in _tensors_in(ic)} & in_optimisers
     # The optimisers hold exactly the trainable modules' parameters.
@@ -123,7 +123,7 @@ def test_intrinsic_cost_values_unchanged_by_learning(make_agent, fill_memory):
 
     before = snapshot()
     assert before[2].abs().sum() > 0  # the guardrail term is exercised
-    learner = Learner(agent, cfg, seed=0)
+    learner = Learner(agent, cfg, RewardFreeConfig(), seed=0)
     params_before = [p.detach().clone() for p in agent.world_model.parameters()]
     for _ in range(5):
         learner.update()
@@ -150,7 +150,8 @@ def test_pendulum_formula_equals_env_reward():
         next_obs, reward, terminated, truncated, info = env.step(torque.astype(np.float32))
         action = torch.as_tensor(torque / 2.0, dtype=torch.float32)
         costs.append(ic.analytic_terms(torch.as_tensor(obs, dtype=torch.float32), action)[index].item())
-        recorded.append(ic.real_terms(torch.as_tensor(obs), action, float(reward), info)[measured].item())
+        recorded.append(ic.real_terms(torch.as_tensor(obs)[None], action[None], torch.tensor([float(reward)]),
+                                      {k: [v] for k, v in info.items()})[0, measured].item())
         rewards.append(float(reward))
         obs = next_obs
         if terminated or truncated or step == 150:

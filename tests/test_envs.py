@@ -30,10 +30,11 @@ def test_env_preset_builds_and_its_cost_reads_the_observation(preset):
     action = np.zeros(env.action_space.shape, dtype=np.float32)
     next_obs, reward, _, _, info = env.step(action)
     batch = {k: v[None] for k, v in next_obs.items()} if isinstance(next_obs, dict) else next_obs[None]
-    quantities = agent.perceive(batch).observation[0]  # the named quantities: none for an image
-    assert quantities.shape == (len(names),)
-    terms = agent.cost.intrinsic.real_terms(quantities, torch.as_tensor(action), reward, info)
-    assert terms.shape == (len(agent.cost.intrinsic.term_names),)
+    quantities = agent.perceive(batch).observation  # the named quantities: none for an image
+    assert quantities.shape == (1, len(names))
+    terms = agent.cost.intrinsic.real_terms(quantities, torch.as_tensor(action)[None], torch.tensor([reward]),
+                                            {key: np.asarray([value]) for key, value in info.items()})
+    assert terms.shape == (1, len(agent.cost.intrinsic.term_names))
     assert torch.isfinite(terms).all()
     env.close()
 
@@ -59,18 +60,27 @@ def test_reacher_distance_term_is_the_env_reward_distance():
 
 
 def test_short_run_on_inverted_pendulum(tmp_path):
-    """A real MuJoCo env with terminations, through the whole trainer: episodes end on a fall,
-    the critic sees terminated transitions, eval writes its returns."""
-    cfg = load_config(["env=inverted_pendulum", "agent=tiny", "train.total_steps=150", "train.seed_steps=60",
-                       "train.pretrain_updates=10", "train.eval_every=150", "train.eval_episodes=2",
-                       f"runs_dir={tmp_path}", "progress=false"])
+    """A real MuJoCo env with terminations, through the whole trainer with two envs: each episode's return is
+    its length less the falling step (InvertedPendulum-v5 pays 1 per step upright), every fall is a terminated
+    transition in memory with the observation after it stored, and evaluation writes its returns."""
+    cfg = load_config(["env=inverted_pendulum", "agent=tiny", "train.num_envs=2", "train.total_steps=150",
+                       "train.seed_steps=60", "train.pretrain_updates=10", "train.eval_every=150",
+                       "train.eval_episodes=2", f"runs_dir={tmp_path}", "progress=false"])
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.train()
+    episodes = list(csv.DictReader((tmp_path / "run" / "episodes.csv").open()))
+    assert len(episodes) >= 4  # random actions tip the pole over within the seed phase
+    for row in episodes:
+        assert float(row["return"]) == int(row["length"]) - 1, row
     memory = trainer.agent.memory
-    assert memory.terminated[:150].any()  # random actions tip the pole over within the seed phase
+    falls = memory.terminated & memory.has_transition
+    assert int(falls.sum()) == len(episodes)
+    rows, envs = falls.nonzero(as_tuple=True)
+    after = (rows + 1) % memory.rows, envs
+    assert not memory.has_transition[after].any() and (memory.episode[after] == memory.episode[rows, envs]).all()
     rows = list(csv.DictReader((tmp_path / "run" / "eval.csv").open()))
-    assert [int(r["step"]) for r in rows] == [150]
-    assert all(float(r["return_mean"]) >= 1 for r in rows)
+    assert len(rows) == 1 and 150 <= int(rows[0]["step"]) < 152  # the two envs step together: 150 or just past it
+    assert len(rows[0]["returns"].split()) == 2
 
 
 def test_mountaincar_energy_drive_matches_the_env_dynamics():

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ami.checkpoint import latest_checkpoint, load_checkpoint
-from ami.goals import batched, load_goal_agent
+from ami.checkpoint import load_checkpoint
+from ami.envs import make_env
+from ami.goals import batched
+from ami.train import load_agent
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -19,7 +21,7 @@ TINY_TRAIN = ["agent=tiny", "device=cuda", "train.total_steps=300", "train.seed_
               "train.pretrain_updates=50", "train.eval_every=200", "train.eval_episodes=2",
               "train.checkpoint_every=100", "train.log_every=50", "progress=false"]
 TINY_REWARD_FREE = ["env=two_rooms", "device=cuda", "progress=false", "agent.actor.compile=false",
-                    "reward_free.transitions=5000", "reward_free.num_envs=8", "agent.memory.capacity=5000",
+                    "reward_free.transitions=5000", "train.num_envs=8", "agent.memory.capacity=5600",
                     "reward_free.probe_frames=300", "reward_free.log_every=10", "reward_free.picture_every=20",
                     "reward_free.updates=30", "reward_free.predictor_updates=10", "reward_free.critic_updates=10"]
 
@@ -47,10 +49,10 @@ def test_training_on_cuda_checkpoints_resumes_and_loads_on_the_cpu(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     evaluation = ami("eval", run_dir, "--episodes", "2", cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr
-    state = load_checkpoint(latest_checkpoint(run_dir), "cpu")
+    state, _ = load_checkpoint(run_dir)
     tensors = _all_tensors(state)
     assert tensors and all(t.device.type == "cpu" for t in tensors)
-    weights = _all_tensors([state["perception"], state["world_model"]])
+    weights = _all_tensors([state["modules"]["perception"], state["modules"]["world_model"]])
     assert weights and all(torch.isfinite(t).all() for t in weights)
 
 
@@ -58,16 +60,18 @@ def test_reward_free_run_on_cuda_plans_as_on_the_cpu_and_benchmarks(tmp_path):
     train = ami("train", *TINY_REWARD_FREE, f"runs_dir={tmp_path}", cwd=tmp_path)
     assert train.returncode == 0, train.stderr
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    on_gpu, _, env = load_goal_agent(run_dir)
-    on_cpu, _, _ = load_goal_agent(run_dir, ["device=cpu"])
+    on_gpu, cfg, _ = load_agent(run_dir)
+    on_cpu, _, _ = load_agent(run_dir, ["device=cpu"])
+    env = make_env(cfg.env)
     assert next(on_gpu.world_model.parameters()).device.type == "cuda"
     for seed in range(3):
         obs, _ = env.reset(seed=seed)
         # The candidates are drawn on the CPU from the same generator, so both devices price the same ones.
-        gpu_actions, _, _, gpu_plan, _ = on_gpu.act(batched(obs), generator=torch.Generator().manual_seed(seed))
-        cpu_actions, _, _, cpu_plan, _ = on_cpu.act(batched(obs), generator=torch.Generator().manual_seed(seed))
-        assert np.isfinite(gpu_actions).all() and np.abs(gpu_actions).max() <= 1.0
-        torch.testing.assert_close(gpu_plan.energy_before.cpu(), cpu_plan.energy_before, rtol=1e-3, atol=1e-3)
+        on_gpu_action = on_gpu.act(batched(obs), generator=torch.Generator().manual_seed(seed))
+        on_cpu_action = on_cpu.act(batched(obs), generator=torch.Generator().manual_seed(seed))
+        assert np.isfinite(on_gpu_action.actions).all() and np.abs(on_gpu_action.actions).max() <= 1.0
+        torch.testing.assert_close(on_gpu_action.plan.energy_before.cpu(), on_cpu_action.plan.energy_before,
+                                   rtol=1e-3, atol=1e-3)
         on_gpu.reset()
         on_cpu.reset()
     env.close()

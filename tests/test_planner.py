@@ -116,14 +116,17 @@ def test_gradients_reach_actions_through_real_modules(make_agent):
 
 
 def _act_checks(agent, generator, scales):
+    """The planner's own actions (before any clamp downstream) and the shield's output, each finite and in bounds,
+    and what the agent sends is the shield's output."""
     for scale in scales:
         obs = (torch.randn(6, 3, generator=generator) * scale).numpy()
-        actions, _, _, plan, _ = agent.act(obs, explore=True, generator=generator)
-        assert actions.shape == (6, 1)
-        assert np.isfinite(actions).all(), (scale, actions)
-        assert (np.abs(actions) <= 1.0).all(), (scale, actions)
-        assert torch.isfinite(plan.actions).all(), scale
-        assert plan.actions.abs().max() <= 1.0
+        action = agent.act(obs, explore=True, generator=generator)
+        plan, decision = action.plan, action.decision
+        assert action.actions.shape == (6, 1)
+        assert torch.isfinite(plan.actions).all() and plan.actions.abs().max() <= 1.0, scale
+        assert torch.isfinite(plan.candidates).all() and plan.candidates.abs().max() <= 1.0, scale
+        assert torch.isfinite(decision.actions).all() and decision.actions.abs().max() <= 1.0, scale
+        assert np.array_equal(action.actions, decision.actions.numpy())
 
 
 PLANNER_CASES = [("gradient", "mode2", "0.1"), ("gradient", "mode2", "1000.0"), ("mppi", "mode2", "0.1"),
@@ -137,6 +140,7 @@ def test_executed_actions_finite_and_in_bounds(make_agent, planner, mode, lr):
                           f"agent.actor.lr={lr}", "agent.actor.init_std=2.0")
     agent.perception.normalizer.update(torch.randn(50, 3, generator=torch.Generator().manual_seed(1)))
     _act_checks(agent, torch.Generator().manual_seed(0), [1.0, 10.0, 1e3, 1e6, 1e12, 1e30, 1.0])
+    assert agent.repairs.take()["clipped_observations"] > 0  # the huge observations were clipped, and counted
 
 
 @pytest.mark.parametrize(("planner", "mode", "lr"), PLANNER_CASES)
@@ -147,6 +151,32 @@ def test_executed_actions_finite_and_in_bounds_fresh_agent(make_agent, planner, 
     agent, _ = make_agent(f"agent.actor.planner={planner}", f"agent.configurator.mode={mode}",
                           f"agent.actor.lr={lr}")
     _act_checks(agent, torch.Generator().manual_seed(0), [1.0, 1e3, 1e6, 1e12, 1e30, 1.0])
+
+
+def test_a_diverged_model_is_repaired_where_it_meets_the_world_and_every_repair_is_counted(make_agent):
+    """NaN weights in the world model make every energy and gradient NaN: the planner keeps a finite sequence
+    and counts them. NaN weights in the policy make Mode-1's actions NaN: the plan is dropped as a warm start,
+    the action is sent as 0, and both are counted."""
+    agent, _ = make_agent()
+    with torch.no_grad():
+        agent.world_model.predictor[0].weight.fill_(float("nan"))
+    obs = np.zeros((4, 3), dtype=np.float32)
+    plan = agent.act(obs, generator=torch.Generator().manual_seed(0)).plan
+    assert torch.isfinite(plan.actions).all() and plan.actions.abs().max() <= 1.0
+    repairs = agent.repairs.take()
+    assert repairs["nonfinite_energies"] > 0 and repairs["nonfinite_gradients"] > 0
+    assert repairs.get("dropped_plans", 0) == 0 and repairs.get("nan_actions", 0) == 0
+
+    agent, _ = make_agent("agent.configurator.mode=mode1")
+    with torch.no_grad():
+        agent.actor.policy.net[0].weight.fill_(float("nan"))
+    action = agent.act(obs, generator=torch.Generator().manual_seed(0))
+    assert torch.isnan(action.plan.actions).all()
+    assert np.array_equal(action.actions, np.zeros((4, 1), dtype=np.float32))
+    assert torch.equal(agent.actor.episodes.previous, torch.zeros_like(action.plan.actions))  # not a warm start
+    repairs = agent.repairs.take()
+    assert repairs["dropped_plans"] == 4 and repairs["nan_actions"] == 4
+    assert agent.repairs.take() == {}  # take() starts the count afresh
 
 
 @pytest.mark.parametrize("planner", ["gradient", "mppi"])
@@ -164,7 +194,7 @@ def test_warm_start_shifts_previous_plan(make_agent):
     actor = agent.actor
     assert actor.warm_start(2, 4) is None
     previous = torch.linspace(-0.9, 0.9, 4 * 2).view(4, 2, 1)
-    actor.previous = previous.clone()
+    actor.episodes.previous = previous.clone()
     shifted = actor.warm_start(2, 4)
     torch.testing.assert_close(shifted[:3], previous[1:])
     torch.testing.assert_close(shifted[3], previous[3])
@@ -175,8 +205,8 @@ def test_warm_start_shifts_previous_plan(make_agent):
     assert actor.warm_start(3, 4) is None
     # reset(done) forgets only the finished environment's plan.
     actor.reset(torch.tensor([True, False]))
-    assert (actor.previous[:, 0] == 0).all()
-    torch.testing.assert_close(actor.previous[:, 1], previous[:, 1])
+    assert (actor.episodes.previous[:, 0] == 0).all()
+    torch.testing.assert_close(actor.episodes.previous[:, 1], previous[:, 1])
 
 
 def test_act_uses_shifted_previous_plan_as_first_candidate(make_agent):
@@ -185,10 +215,10 @@ def test_act_uses_shifted_previous_plan_as_first_candidate(make_agent):
     g = torch.Generator().manual_seed(0)
     percept = Percept(agent.perception(torch.randn(2, 3, generator=g)).detach())
     weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
-    first = actor.act(percept, Task(agent.configurator.weights, horizon, 3, "mode2"), weights, g)
-    assert torch.equal(actor.previous, first.actions)
+    first = actor.act(percept, Task(agent.configurator.weights, weights, horizon, 3, "mode2"), g)
+    assert torch.equal(actor.episodes.previous, first.actions)
     # With no optimisation steps the candidates are the initial ones: candidate 0 is the warm start.
-    second = actor.act(percept, Task(agent.configurator.weights, horizon, 0, "mode2"), weights, g)
+    second = actor.act(percept, Task(agent.configurator.weights, weights, horizon, 0, "mode2"), g)
     expected = torch.cat([first.actions[1:], first.actions[-1:]])
     torch.testing.assert_close(second.candidates[:, :, 0], expected)
 
@@ -260,17 +290,41 @@ def test_anchored_readout_prices_the_first_step_on_the_true_observation(make_age
     g = torch.Generator().manual_seed(0)
     obs = torch.randn(4, 3, generator=g)
     actions = torch.rand(1, 4, 1, generator=g) * 2 - 1
-    energies = {}
+    first_steps = {}
     for anchor in (True, False):
-        agent, _ = make_agent("agent.cost.value_weight=0", f"agent.world_model.anchor_readout={anchor}")
+        agent, cfg = make_agent("agent.cost.value_weight=0", f"agent.world_model.anchor_readout={anchor}")
         weights = agent.cost.intrinsic.weight_vector()
         percept = agent.perceive(obs.numpy())
-        offset = agent.world_model.readout_offset(percept)
-        energies[anchor], _ = agent.actor.energy.bind(weights, offset)(percept.state, actions)
+        assert torch.equal(percept.readout_offset, agent.world_model.readout_offset(percept))
+        energy, states = agent.actor.energy.bind(weights, percept.readout_offset)(percept.state, actions)
         analytic = weights * agent.cost.intrinsic.mask("analytic")
+        # The energy of a one-step plan is the first step's cost and the last state's, discounted, at rest.
+        last = agent.world_model.readout(states[-1]) + percept.readout_offset
+        terminal = (agent.cost.intrinsic.analytic_terms(last, torch.zeros(4, 1)) * analytic).sum(-1)
+        first_steps[anchor] = energy - cfg.cost.discount * terminal
         exact = (agent.cost.intrinsic.analytic_terms(obs, actions[0]) * analytic).sum(-1)
-    torch.testing.assert_close(energies[True], exact)
-    assert not torch.allclose(energies[False], exact, atol=1e-3)
+    torch.testing.assert_close(first_steps[True], exact)
+    assert not torch.allclose(first_steps[False], exact, atol=1e-3)
+
+
+def test_the_last_imagined_state_is_priced_by_the_analytic_terms_where_the_value_is_not_trusted(make_agent):
+    """value_weight 0: the plan's last state pays its analytic cost (at rest): a plan that ends spinning past
+    the speed guardrail costs more than the sum over its steps says. value_weight 1: the critic's value alone."""
+    g = torch.Generator().manual_seed(0)
+    state, actions = torch.randn(3, 16, generator=g), torch.rand(5, 3, 1, generator=g) * 2 - 1
+    for value_weight in (0.0, 0.5, 1.0):
+        agent, cfg = make_agent(f"agent.cost.value_weight={value_weight}")
+        weights = agent.cost.intrinsic.weight_vector()
+        energy, states = agent.actor.energy.bind(weights)(state, actions)
+        analytic = weights * agent.cost.intrinsic.mask("analytic")
+        quantities = agent.world_model.readout(states)
+        gammas = cfg.cost.discount ** torch.arange(6.0)
+        steps = (gammas[:5, None] * (agent.cost.intrinsic.analytic_terms(quantities[:-1], actions) * analytic).sum(-1)
+                 ).sum(0)
+        terminal = (agent.cost.intrinsic.analytic_terms(quantities[-1], torch.zeros(3, 1)) * analytic).sum(-1)
+        tail = (1 - value_weight) * terminal + value_weight * agent.cost.critic.value(states[-1])
+        torch.testing.assert_close(energy, steps + gammas[5] * tail)
+        assert (terminal > 0).all()  # the check above is not vacuous
 
 
 def test_replan_every_follows_the_plan_then_replans(make_agent):
@@ -278,15 +332,15 @@ def test_replan_every_follows_the_plan_then_replans(make_agent):
     actor, g = agent.actor, torch.Generator().manual_seed(0)
     percept = Percept(agent.perception(torch.randn(2, 3, generator=g)).detach())
     weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
-    task = Task(agent.configurator.weights, cfg.actor.horizon, 2, "mode2")
-    plans = [actor.act(percept, task, weights, g) for _ in range(4)]
+    task = Task(agent.configurator.weights, weights, cfg.actor.horizon, 2, "mode2")
+    plans = [actor.act(percept, task, g) for _ in range(4)]
     assert plans[0].plan_time_s > 0 and plans[1].plan_time_s == 0 and plans[2].plan_time_s == 0
     assert plans[3].plan_time_s > 0  # the fourth step plans again
     torch.testing.assert_close(plans[1].actions[0], plans[0].actions[1])
     torch.testing.assert_close(plans[2].actions[0], plans[0].actions[2])
     # A new episode replans at once.
     actor.reset()
-    assert actor.act(percept, task, weights, g).plan_time_s > 0
+    assert actor.act(percept, task, g).plan_time_s > 0
 
 
 def test_goal_term_prices_distance_to_the_latent_goal_and_its_gradient_reaches_the_actions(make_agent):

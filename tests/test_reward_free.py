@@ -8,17 +8,19 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ami.build import build_agent
-from ami.config import PerceptionConfig, load_config
-from ami.envs import make_env
+from ami.config import ConfigError, PerceptionConfig, load_config
+from ami.envs import make_env, make_vector_env
 from ami.goals import run_goal_episode
 from ami.latent_health import effective_rank, encode, linear_probe_error, relative_prediction_error
-from ami.reward_free import RewardFreeTrainer
+from ami.loop import EnvLoop
+from ami.reward_free import encode_memory, probe_set
+from ami.train import Trainer
 from modules.perception import ImagePerception
 
 # The preset's model on a quarter of its dataset; TINY shrinks the model for the tests that need no learning.
-SHORT = ["env=two_rooms", "progress=false", "reward_free.transitions=50000", "reward_free.num_envs=8",
-         "reward_free.probe_frames=1000", "agent.memory.capacity=50000", "agent.actor.compile=false"]
-TINY = [*SHORT, "reward_free.transitions=20000", "agent.memory.capacity=20000", "agent.perception.latent_dim=16",
+SHORT = ["env=two_rooms", "progress=false", "reward_free.transitions=50000", "train.num_envs=8",
+         "reward_free.probe_frames=1000", "agent.memory.capacity=52000", "agent.actor.compile=false"]
+TINY = [*SHORT, "reward_free.transitions=20000", "agent.memory.capacity=21000", "agent.perception.latent_dim=16",
         "agent.perception.conv_channels=8", "agent.perception.hidden_dim=128", "agent.world_model.hidden_dim=128",
         "agent.world_model.batch_size=16", "agent.world_model.rollout_horizon=4"]
 UNREGULARISED = ["agent.world_model.variance_weight=0", "agent.world_model.covariance_weight=0",
@@ -28,11 +30,24 @@ JOINT_UPDATES, PREDICTOR_UPDATES = 600, 1000
 
 
 def make_trainer(path, *overrides, updates=0, base=TINY):
+    """A reward-free Trainer with its dataset collected, its probe frames drawn, and `updates` joint updates."""
     cfg = load_config([*base, f"runs_dir={path}", f"reward_free.updates={max(updates, 1)}", *overrides])
-    trainer = RewardFreeTrainer(cfg, path / "run")
+    trainer = Trainer(cfg, path / "run")
+    trainer.collect_dataset()
+    trainer.probe_frames, trainer.probe_positions = probe_set(cfg, cfg.reward_free.probe_frames)
+    batch = trainer.agent.memory.sample_sequences(256, 2 * cfg.agent.world_model.rollout_horizon,
+                                                  torch.Generator().manual_seed(7))
+    trainer.probe_sequences = (batch.obs, batch.actions)
     for _ in range(updates):
-        trainer.update()
+        trainer.learner.update()
     return trainer
+
+
+def predictor_updates(trainer, count):
+    """count predictor-only updates on the trainer's encoder, frozen now."""
+    latents = encode_memory(trainer.agent, progress=False)
+    for _ in range(count):
+        trainer.learner.update_predictor(latents)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +58,7 @@ def trained(tmp_path_factory):
     # its way to a goal 10 pixels off (126 steps on one of the pairs below, against at most 40).
     trainer = make_trainer(tmp_path_factory.mktemp("reward_free"), "reward_free.predictor_batch_size=64",
                            "agent.actor.horizon=40", updates=JOINT_UPDATES, base=SHORT)
-    for _ in range(PREDICTOR_UPDATES):
-        trainer.update_predictor()
+    predictor_updates(trainer, PREDICTOR_UPDATES)
     return trainer
 
 
@@ -60,7 +74,7 @@ def test_encoder_shapes_for_images_and_dict_observations():
     obs, _ = env.reset(seed=0)
     percept = agent.perceive({key: np.stack([value, value]) for key, value in obs.items()})
     assert percept.state.shape == (2, 32) and percept.goal.shape == (2, 32) and percept.observation.shape == (2, 0)
-    assert agent.memory.obs.dtype == torch.uint8 and agent.memory.obs.shape[1:] == (64, 64, 1)
+    assert agent.memory.obs.dtype == torch.uint8 and agent.memory.obs.shape[2:] == (64, 64, 1)
     with pytest.raises(ValueError, match="conv_layers"):
         ImagePerception((60, 60, 1), 0, False, config)
 
@@ -68,7 +82,7 @@ def test_encoder_shapes_for_images_and_dict_observations():
 def test_the_world_model_loss_reaches_the_encoder_through_every_term(trained):
     agent = trained.agent
     batch = agent.memory.sample_sequences(4, 3, torch.Generator().manual_seed(0))
-    losses = agent.world_model.loss(agent.perception, batch.obs, batch.actions)
+    losses, _ = agent.world_model.loss(agent.perception, batch.obs, batch.actions)
     agent.perception.zero_grad()
     agent.world_model.zero_grad()
     losses.total.backward()
@@ -78,15 +92,32 @@ def test_the_world_model_loss_reaches_the_encoder_through_every_term(trained):
     assert losses.prediction_by_horizon.shape == (3,) and torch.isfinite(losses.total)
 
 
-def test_the_dataset_is_reward_free_contiguous_and_collected_identically_from_the_seed(trained, tmp_path):
+def test_the_dataset_is_reward_free_complete_and_collected_identically_from_the_seed(trained, tmp_path):
     memory = trained.agent.memory
     assert len(memory) == 50000 and (memory.reward == 0).all()
-    again = make_trainer(tmp_path, base=SHORT)
-    assert torch.equal(again.agent.memory.obs, memory.obs) and torch.equal(again.agent.memory.action, memory.action)
-    # Each record's next image is the following record's image, within an episode.
-    same = (memory.episode[1:] == memory.episode[:-1]) & ~(memory.terminated[:-1] | memory.truncated[:-1])
-    assert same.sum() > 49000
-    assert torch.equal(memory.next_obs[:-1][same], memory.obs[1:][same])
+    # Every stretch ends with the observation it reached: one final row per episode and per environment.
+    episodes = len(torch.unique(memory.episode[memory.seq >= 0]))
+    assert int((~memory.has_transition & (memory.seq >= 0)).sum()) == episodes
+    assert not memory.open.any()
+    # The same seed collects the same data: a run of a tenth of the transitions has the same first ones.
+    again = make_trainer(tmp_path, "reward_free.transitions=5000", "agent.memory.capacity=6000", base=SHORT)
+    again = again.agent.memory
+    rows = again.has_transition.nonzero(as_tuple=True)
+    assert len(rows[0]) == 5000
+    assert torch.equal(again.obs[rows], memory.obs[rows]) and torch.equal(again.action[rows], memory.action[rows])
+    assert not torch.equal(again.obs[rows], memory.obs[(rows[0] + 1, rows[1])])  # the check above can fail
+
+
+def test_a_dataset_that_does_not_fit_stops_before_overwriting_any_of_it(tmp_path):
+    """5,000 transitions and their episodes' final frames do not fit in 5,000 rows: collection stops with a line
+    naming the key, instead of overwriting the first records."""
+    cfg = load_config([*TINY, f"runs_dir={tmp_path}", "reward_free.transitions=5000", "agent.memory.capacity=5000"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="agent.memory.capacity=5000 is full"):
+        trainer.collect_dataset()
+    memory = trainer.agent.memory
+    assert int(memory.written.max()) <= memory.rows and (memory.seq[0] == 0).all()  # the first rows are still there
+    assert torch.equal(memory.step[0], torch.arange(8))  # each environment's first transition
 
 
 def test_regularised_jepa_keeps_its_rank_and_unregularised_collapses(tmp_path):
@@ -98,7 +129,7 @@ def test_regularised_jepa_keeps_its_rank_and_unregularised_collapses(tmp_path):
         trainer = make_trainer(tmp_path / name, "agent.perception.keypoints_only=false", *overrides)
         initial = encode(trainer.agent.perception, trainer.probe_frames).std(0).mean()
         for _ in range(150):
-            trainer.update()
+            trainer.learner.update()
         latents = encode(trainer.agent.perception, trainer.probe_frames)
         ranks[name], spread[name] = effective_rank(latents), float(latents.std(0).mean() / initial)
     assert ranks["regularised"] > 7.0 and spread["regularised"] > 5.0, (ranks, spread)
@@ -107,11 +138,14 @@ def test_regularised_jepa_keeps_its_rank_and_unregularised_collapses(tmp_path):
 
 def test_a_short_run_predicts_and_locates_the_dot_better_than_a_frozen_random_encoder(trained, tmp_path):
     torch.manual_seed(0)
-    baseline = make_trainer(tmp_path, "reward_free.predictor_batch_size=64", base=SHORT)
+    cfg = load_config([*SHORT, f"runs_dir={tmp_path}", "reward_free.predictor_batch_size=64"])
+    baseline = Trainer(cfg, tmp_path / "run")
+    baseline.agent.memory.load_state_dict(trained.agent.memory.state_dict())  # the same data
+    baseline.probe_frames, baseline.probe_positions = trained.probe_frames, trained.probe_positions
+    baseline.probe_sequences = trained.probe_sequences
     # The encoder stays at its random initialisation; the predictor gets as many updates as the trained
     # model's had in both phases together.
-    for _ in range(JOINT_UPDATES + PREDICTOR_UPDATES):
-        baseline.update_predictor()
+    predictor_updates(baseline, JOINT_UPDATES + PREDICTOR_UPDATES)
     scores = {}
     for name, trainer in [("trained", trained), ("random", baseline)]:
         report_obs, actions = trainer.probe_sequences
@@ -131,10 +165,10 @@ def test_a_short_run_predicts_and_locates_the_dot_better_than_a_frozen_random_en
 def test_planning_reaches_a_goal_near_the_start_in_the_same_room(trained):
     """Zero-shot: the goal is an image the world model never saw as a goal; the plan energy is the latent
     distance to it. Each pair is 8 to 11 pixels apart (the success radius is 4.5), in one room."""
-    agent, env = trained.agent, make_env(trained.cfg.env)
+    agent, loop = trained.agent, EnvLoop(make_vector_env(trained.cfg.env, 1))
     pairs = [((10.0, 40.0), (18.0, 44.0)), ((50.0, 20.0), (43.0, 13.0)), ((8.0, 10.0), (12.0, 20.0))]
-    episodes = [run_goal_episode(agent, env, seed=k, options={"wall_x": 32.0, "door_y": 52.0, "start": start,
-                                                              "goal": goal})
+    episodes = [run_goal_episode(agent, loop, seed=k, options={"wall_x": 32.0, "door_y": 52.0, "start": start,
+                                                               "goal": goal})
                 for k, (start, goal) in enumerate(pairs)]
     assert all(e.success for e in episodes), [(e.success, e.steps, e.final_distance) for e in episodes]
     assert max(e.steps for e in episodes) <= 40
@@ -145,13 +179,13 @@ def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path)
     import sys
 
     tiny = [*TINY, "progress=false", f"runs_dir={tmp_path}", "reward_free.transitions=5000",
-            "agent.memory.capacity=5000", "reward_free.probe_frames=300", "reward_free.log_every=10",
+            "agent.memory.capacity=5600", "reward_free.probe_frames=300", "reward_free.log_every=10",
             "reward_free.picture_every=20", "reward_free.checkpoint_every=10", "reward_free.predictor_updates=0"]
     ami = [sys.executable, "-m", "ami.cli"]
     first = subprocess.run([*ami, "train", *tiny, "reward_free.updates=20"], capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "no reward stored or used" in first.stdout and "parameters: perception" in first.stdout
+    assert "no reward stored or used" in first.stdout and "(perception" in first.stdout
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     no_critic = subprocess.run([*ami, "bench", "goals", "--runs", str(run_dir), "--variants", "critic_final"],
                                capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -160,7 +194,7 @@ def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path)
                               "reward_free.predictor_updates=5", "reward_free.critic_updates=5", "progress=false"],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at update 20" in resumed.stdout and "done: 40 updates" in resumed.stdout
+    assert "resuming at update 20" in resumed.stdout and "40 updates in" in resumed.stdout
     assert "critic_updates: 5" in (run_dir / "config.yaml").read_text()  # the resumed run's own config
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()

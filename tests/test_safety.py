@@ -16,7 +16,7 @@ from ami.build import build_agent
 from ami.config import ConfigError, load_config, without_guardrails
 from ami.envs import make_env, observation_names
 from ami.envs.hazard_nav import HazardNavEnv
-from ami.train import Trainer
+from ami.train import Trainer, load_agent
 from modules.actor import PlanEnergy
 from modules.cost import GuardrailError, IntrinsicCost
 from modules.shield import Shield
@@ -213,32 +213,58 @@ def test_short_guarded_run_has_zero_cost_where_the_unguarded_one_has_some(tmp_pa
     guarded.train()
     unguarded = Trainer(without_guardrails(guarded_cfg), tmp_path / "unguarded")
     unguarded.train()
-    assert unguarded.safety_totals["cost"] > 0
-    assert guarded.safety_totals["cost"] == 0
-    assert guarded.safety_totals["interventions"] > 0
+    assert unguarded.episode_log.totals["cost"] > 0
+    assert guarded.episode_log.totals["cost"] == 0
+    assert guarded.episode_log.totals["interventions"] > 0
     # The guardrails and shield are the same after training and after resuming from the checkpoint.
     assert (guarded.agent.cost.intrinsic.describe(), guarded.agent.shield.describe()) == before
-    resumed = Trainer(guarded_cfg, tmp_path / "guarded", resume=True, read_only=True)
-    assert (resumed.agent.cost.intrinsic.describe(), resumed.agent.shield.describe()) == before
-    assert resumed.safety_totals == guarded.safety_totals
-    # A checkpoint cannot be resumed with the shield loosened.
+    checkpoint = (tmp_path / "guarded" / "checkpoints" / "latest.pt").read_bytes()
+    loaded, _, _ = load_agent(tmp_path / "guarded")
+    assert (loaded.cost.intrinsic.describe(), loaded.shield.describe()) == before
+    # A checkpoint cannot be resumed with the shield loosened, and trying leaves it as it was.
     with pytest.raises(GuardrailError, match="shield"):
         Trainer(load_config([*SHORT, f"runs_dir={tmp_path}", "agent.shield.world_model=false"]),
-                tmp_path / "guarded", resume=True, read_only=True)
+                tmp_path / "guarded", resume=True)
+    assert (tmp_path / "guarded" / "checkpoints" / "latest.pt").read_bytes() == checkpoint
+    resumed = Trainer(guarded_cfg, tmp_path / "guarded", resume=True)
+    resumed.logger.close()
+    assert resumed.episode_log.totals == guarded.episode_log.totals
     episodes = (tmp_path / "guarded" / "episodes.csv").read_text().splitlines()
     assert episodes[0].split(",") == ["step", "episode", "return", "length", "cost", "interventions", "fallbacks"]
     assert len(episodes) == 3  # two 250-step episodes
 
 
-def test_agent_output_is_shielded_when_planning(tmp_path):
-    """Through Agent.act: the executed batch of actions is what the shield decided."""
+def test_the_agent_sends_what_the_shield_decided_and_the_shield_changes_what_breaks_a_guardrail():
+    """Through Agent.act, two robots: one racing at a hazard 0.19 m away, where braking now still stops it short of
+    the margin and almost nothing else does, and one at rest far from any. The first's planned action is replaced
+    by one that keeps the robot able to stop in time (stepped in the real env); the second's is sent as planned."""
     cfg = load_config(["env=hazard_nav", "agent=tiny"])
     env = make_env(cfg.env)
-    agent = build_agent(OmegaConf.to_object(cfg.agent), 36, 2, observation_names(cfg.env, env), torch.device("cpu"))
-    obs, _ = env.reset(seed=0)
-    actions, _, _, plan, decision = agent.act(np.repeat(obs[None], 3, 0), generator=torch.Generator().manual_seed(0))
-    assert np.array_equal(actions, decision.actions.numpy())
-    assert actions.shape == (3, 2) and plan.candidates.shape[1] == 3
+    names = observation_names(cfg.env, env)
+    torch.manual_seed(0)
+    agent = build_agent(OmegaConf.to_object(cfg.agent), 36, 2, names, torch.device("cpu"))
+    hazard_env = env.unwrapped
+    hazards = hazard_env.reset(seed=0)[1]["hazards"]
+    target = hazards[int(np.argmin(np.abs(hazards).max(1)))]  # the hazard nearest the centre: room on all sides
+    away = target / max(np.linalg.norm(target), 1e-9) if np.linalg.norm(target) > 0 else np.array([1.0, 0.0])
+    racing = target + (hazard_env.hazard_radius + 0.19) * away, -hazard_env.max_speed * away
+    assert brake_path_clearance(hazard_env, *racing, hazards) >= MARGIN  # it can still stop in time
+    clear = np.array([[x, y] for x in np.linspace(-1.8, 1.8, 19) for y in np.linspace(-1.8, 1.8, 19)])
+    distance = np.hypot(*(clear[:, None] - hazards[None]).transpose(2, 0, 1)).min(1)
+    resting = clear[np.argmax(distance)], np.zeros(2)
+    states = [racing, resting]
+    obs = np.stack([hazard_env.set_state(p, v, hazards) for p, v in states])
+    action = agent.act(obs, generator=torch.Generator().manual_seed(0))
+    proposed = action.plan.actions[0].clamp(-1, 1).numpy()
+    assert np.array_equal(action.actions, action.decision.actions.numpy())
+    assert action.decision.intervened.tolist() == [True, False]
+    assert np.array_equal(action.actions[1], proposed[1])
+    clearances = {}
+    for name, sent in (("proposed", proposed[0]), ("sent", action.actions[0])):
+        hazard_env.set_state(*racing, hazards)
+        info = hazard_env.step(sent.astype(np.float32))[4]
+        clearances[name] = brake_path_clearance(hazard_env, info["position"], info["velocity"], hazards)
+    assert clearances["proposed"] < MARGIN <= clearances["sent"], clearances
 
 
 def test_plan_energy_prices_what_the_shield_would_refuse_and_compiles_the_same():

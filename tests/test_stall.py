@@ -5,7 +5,6 @@ import torch
 from test_boredom import bored_plan, two_rooms_agent
 
 from ami.config import ConfigError, ConfiguratorConfig, load_config
-from ami.evaluate import fresh_plans
 from ami.goals import batched
 from modules.configurator import Configurator
 
@@ -24,7 +23,7 @@ def test_stall_scale_counts_steps_without_progress_per_env() -> None:
     rule.reset(torch.tensor([True, False]))  # env 0 starts a new episode: its first step is progress again
     assert rule.stall_scale(torch.tensor([9.0, 4.0])).tolist() == [1.0, 1.5]
     rule.reset()
-    assert rule.best_distance is None and rule.stalled_steps is None
+    assert rule.state.best_distance is None and rule.state.stalled_steps is None
 
 
 def test_plan_energy_scales_only_the_boredom_term_per_env() -> None:
@@ -45,23 +44,17 @@ def test_agent_raises_boredom_while_it_stands_still_and_forgets_on_reset() -> No
     g = torch.Generator().manual_seed(0)
     scales = []
     for _ in range(3):  # the dot never moves: the same distance every step
-        _, _, task, _, _ = agent.act(batched(obs), generator=g)
-        scales.append(task.boredom_scale.tolist())
+        scales.append(agent.act(batched(obs), generator=g).task.boredom_scale.tolist())
     assert scales == [[1.0], [1.25], [1.5]]
-    with fresh_plans(agent):  # evaluation starts its own count and gives training's back
-        _, _, task, _, _ = agent.act(batched(obs), generator=g)
-        assert task.boredom_scale.tolist() == [1.0]
-    _, _, task, _, _ = agent.act(batched(obs), generator=g)
-    assert task.boredom_scale.tolist() == [1.75]
+    with agent.fresh_episodes():  # evaluation starts its own count and gives training's back
+        assert agent.act(batched(obs), generator=g).task.boredom_scale.tolist() == [1.0]
+    assert agent.act(batched(obs), generator=g).task.boredom_scale.tolist() == [1.75]
     agent.reset()
-    _, _, task, _, _ = agent.act(batched(obs), generator=g)
-    assert task.boredom_scale.tolist() == [1.0]
+    assert agent.act(batched(obs), generator=g).task.boredom_scale.tolist() == [1.0]
     off, _ = two_rooms_agent("agent.cost.boredom_weight=1.0", "agent.configurator.stall_patience=0")
-    _, _, task, _, _ = off.act(batched(obs), generator=g)
-    assert task.boredom_scale is None
+    assert off.act(batched(obs), generator=g).task.boredom_scale is None
     no_boredom, _ = two_rooms_agent("agent.cost.boredom_weight=0.0", "agent.configurator.stall_patience=4")
-    _, _, task, _, _ = no_boredom.act(batched(obs), generator=g)
-    assert task.boredom_scale is None  # nothing to raise
+    assert no_boredom.act(batched(obs), generator=g).task.boredom_scale is None  # nothing to raise
     env.close()
 
 

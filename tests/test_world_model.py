@@ -4,7 +4,7 @@ real Pendulum data lowers the multi-step prediction and readout losses."""
 import pytest
 import torch
 
-from ami.config import PerceptionConfig, WorldModelConfig
+from ami.config import PerceptionConfig, RewardFreeConfig, WorldModelConfig
 from ami.learner import Learner
 from modules.perception import Perception
 from modules.world_model import WorldModel
@@ -29,10 +29,14 @@ def test_shapes():
     torch.testing.assert_close(states[2], model.step(model.step(state, actions[0]), actions[1]))
     assert model.readout(states).shape == (7, 4, len(names))
     assert model.readout(state).shape == (4, len(names))
-    losses = model.loss(perception, torch.randn(4, 8, obs_dim), torch.rand(3, 8, action_dim))
+    obs = torch.randn(4, 8, obs_dim)
+    losses, encodings = model.loss(perception, obs, torch.rand(3, 8, action_dim))
     assert losses.total.shape == ()
     assert losses.prediction_by_horizon.shape == (3,)
     assert losses.latent_std.shape == (latent,)
+    # The online encodings, detached: the critic trains on the states the world model just saw.
+    assert not encodings.requires_grad
+    torch.testing.assert_close(encodings, perception(obs.flatten(0, 1)).view(4, 8, latent))
 
 
 def random_walk(batch, steps, generator, mixing):
@@ -62,7 +66,7 @@ def train_jepa(variance_weight, covariance_weight, target="stopgrad", steps=600,
     optimiser = torch.optim.Adam([*perception.encoder.parameters(), *model.parameters()], lr=3e-3)
     for _ in range(steps):
         obs, actions = random_walk(64, horizon, g, mixing)
-        losses = model.loss(perception, obs, actions)
+        losses, _ = model.loss(perception, obs, actions)
         optimiser.zero_grad()
         losses.total.backward()
         optimiser.step()
@@ -89,11 +93,11 @@ def test_world_model_training_reduces_prediction_and_readout_loss(make_agent, fi
 
     def evaluation_loss():
         with torch.no_grad():
-            losses = agent.world_model.loss(agent.perception, batch.obs, batch.actions)
+            losses, _ = agent.world_model.loss(agent.perception, batch.obs, batch.actions)
         return losses.prediction.item(), losses.readout.item(), losses.latent_std.mean().item()
 
     prediction_before, readout_before, _ = evaluation_loss()
-    learner = Learner(agent, cfg, seed=0)
+    learner = Learner(agent, cfg, RewardFreeConfig(), seed=0)
     for _ in range(100):
         learner.update()
     prediction_after, readout_after, latent_std = evaluation_loss()

@@ -1,5 +1,5 @@
-"""`ami bench control`: sample efficiency of ami against a peer (SAC) or a second planner (MPPI),
-same env, same seeds, same evaluation starts, side by side in one run."""
+"""`ami bench control`: sample efficiency of ami against a peer (SAC), a second planner (MPPI) or another setting
+of itself (any overrides), same env, same seeds, same evaluation starts, side by side in one run."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ami.bench.parallel import run_jobs
 from ami.config import load_config
 from ami.envs import make_env
 from ami.evaluate import EvalResult, run_episodes
 from ami.train import Trainer
+
+PEERS = ("sac", "mppi", "none")
 
 
 @dataclass(frozen=True)
@@ -25,18 +28,37 @@ class Point:
     step: int
     result: EvalResult
     plan_ms: float = float("nan")  # the run's median planning time per env step (nan for SAC)
+    steps_per_s: float = float("nan")  # the run's env steps per second of training, evaluations left out
+    mode1_share: float = float("nan")  # the share of env steps Mode-1 acted on alone
+
+
+def peer_overrides(vs: str, mppi_budget: tuple[int, int]) -> list[str] | None:
+    """The overrides that make ami's peer: MPPI at its budget, or the given key=value[,key=value] list; None for
+    a peer that is not ami (SAC) or none."""
+    if vs == "mppi":
+        candidates, iterations = mppi_budget
+        return ["agent.actor.planner=mppi", f"agent.actor.candidates={candidates}",
+                f"agent.actor.iterations={iterations}"]
+    if vs in ("sac", "none"):
+        return None
+    return vs.split(",")
 
 
 def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     trainer = Trainer(cfg, run_dir)
-    trainer.train()
+    result = trainer.train()
     plan_ms = float(np.median(trainer.plan_times_ms)) if trainer.plan_times_ms else float("nan")
+    sps = trainer.loop.env_steps / max(result["train_seconds"] - trainer.eval_seconds, 1e-9)
+    mode1 = trainer.mode1_steps / max(trainer.loop.env_steps - min(cfg.train.seed_steps, trainer.loop.env_steps), 1)
     points = []
     with (run_dir / "eval.csv").open() as f:
         for row in csv.DictReader(f):
             returns = np.array([float(r) for r in row["returns"].split()])
-            points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, np.zeros(len(returns))),
-                                plan_ms))
+            zeros = np.zeros(len(returns))
+            points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, zeros, zeros, zeros),
+                                plan_ms, sps, mode1))
     return points
 
 
@@ -48,6 +70,8 @@ def run_sac(cfg: DictConfig, progress: bool) -> list[Point]:
     except ImportError as error:  # an optional extra
         raise SystemExit("ami bench control --vs sac needs Stable-Baselines3: pip install -e '.[bench]'") from error
 
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     train = cfg.train
     points: list[Point] = []
 
@@ -59,9 +83,19 @@ def run_sac(cfg: DictConfig, progress: bool) -> list[Point]:
                 points.append(Point("sac", cfg.seed, self.num_timesteps, result))
             return True
 
+    # SAC learns on its own env, stepped by Stable-Baselines3's loop; ami's loop only scores it.
     model = SAC("MlpPolicy", make_env(cfg.env), seed=cfg.seed, device="cpu", verbose=0)
     model.learn(total_timesteps=train.total_steps, callback=Evaluate(), progress_bar=progress)
     return points
+
+
+def run_job(method: str, cfg: DictConfig, out_dir: Path, progress: bool) -> list[Point]:
+    """One method on one seed; module-level so that worker processes can run it."""
+    print(f"== seed {cfg.seed}: {method}", flush=True)
+    if method == "sac":
+        return run_sac(cfg, progress)
+    name = method if method in ("ami", "mppi") else "peer"
+    return run_ami(cfg, out_dir / f"{name}_s{cfg.seed}", method)
 
 
 def seed_means(points: list[Point], method: str) -> dict[int, list[float]]:
@@ -123,41 +157,33 @@ def plot(points: list[Point], methods: list[str], path: Path, title: str) -> Non
 
 def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episodes: int,
         threshold: float | None, overrides: list[str], out_dir: Path, progress: bool,
-        oracle: bool, mppi_budget: tuple[int, int] = (256, 6), peer_steps: int | None = None) -> list[Point]:
-    """mppi_budget: (candidates, iterations) of the MPPI run; everything else is ami's own config.
-    peer_steps: the peer's env-step budget when it differs from ami's (a model-free peer's longer run)."""
+        oracle: bool, mppi_budget: tuple[int, int] = (256, 6), peer_steps: int | None = None,
+        jobs: int = 1) -> list[Point]:
+    """vs: "sac", "mppi", "none", or overrides key=value[,key=value] that make ami's peer (the same agent with
+    train.num_envs=1, say). mppi_budget: (candidates, iterations) of the MPPI run. peer_steps: the peer's env-step
+    budget when it differs from ami's (a model-free peer's longer run). jobs: runs at once, in processes."""
     from torch.utils.tensorboard import SummaryWriter
 
     common = [f"env={env}", f"train.eval_every={eval_every}", f"train.eval_episodes={episodes}",
-              f"progress={str(progress).lower()}", *overrides]
+              f"progress={str(progress and jobs <= 1).lower()}", f"runs_dir={out_dir}", *overrides]
     base = [*common, f"train.total_steps={steps}"]
-    peer_base = [*common, f"train.total_steps={peer_steps or steps}"]
+    peer_base = [*common, f"train.total_steps={peer_steps or steps}", *(peer_overrides(vs, mppi_budget) or [])]
     methods = ["ami", vs] if vs != "none" else ["ami"]
-    points: list[Point] = []
+    calls = []
     for seed in seeds:
-        cfg = load_config([*base, f"seed={seed}", f"runs_dir={out_dir}"])
-        peer_cfg = load_config([*peer_base, f"seed={seed}", f"runs_dir={out_dir}"])
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        print(f"== seed {seed}: ami", flush=True)
-        points += run_ami(cfg, out_dir / f"ami_s{seed}", "ami")
-        if vs == "mppi":
-            print(f"== seed {seed}: ami with MPPI", flush=True)
-            candidates, iterations = mppi_budget
-            mppi_cfg = load_config([*peer_base, "agent.actor.planner=mppi", f"agent.actor.candidates={candidates}",
-                                    f"agent.actor.iterations={iterations}", f"seed={seed}", f"runs_dir={out_dir}"])
-            points += run_ami(mppi_cfg, out_dir / f"mppi_s{seed}", "mppi")
-        elif vs == "sac":
-            print(f"== seed {seed}: SAC", flush=True)
-            points += run_sac(peer_cfg, progress)
-    cfg = load_config([*base, f"runs_dir={out_dir}"])
+        calls.append(("ami", load_config([*base, f"seed={seed}"]), out_dir, progress and jobs <= 1))
+        if vs != "none":
+            calls.append((vs, load_config([*peer_base, f"seed={seed}"]), out_dir, progress and jobs <= 1))
     out_dir.mkdir(parents=True, exist_ok=True)
+    points = [p for result in run_jobs(run_job, calls, jobs, "runs", progress and jobs > 1) for p in result]
+    cfg = load_config(base)
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "step", "return_mean", "return_std", "plan_ms_median"])
+        writer.writerow(["method", "seed", "step", "return_mean", "return_std", "plan_ms_median", "steps_per_s",
+                         "mode1_share"])
         for p in points:
             writer.writerow([p.method, p.seed, p.step, f"{p.result.mean:.2f}", f"{p.result.std:.2f}",
-                             f"{p.plan_ms:.2f}"])
+                             f"{p.plan_ms:.2f}", f"{p.steps_per_s:.2f}", f"{p.mode1_share:.4f}"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     for p in points:
         writer.add_scalar(f"bench/{p.method}/s{p.seed}/return_mean", p.result.mean, p.step)
@@ -170,12 +196,19 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
               + ", ".join(f"{m} {s if s is not None else 'not reached'}" for m, s in reached.items()))
         if len(methods) == 2 and all(reached.values()):
             print(f"ratio {methods[1]} / {methods[0]}: {reached[methods[1]] / reached[methods[0]]:.2f}")
-    plan_ms = {m: float(np.nanmedian([p.plan_ms for p in points if p.method == m]))
-               for m in methods if m != "sac"}
+    ami_methods = [m for m in methods if m != "sac"]
+    per_run = {m: {p.seed: p for p in points if p.method == m} for m in ami_methods}
+    plan_ms = {m: float(np.median([p.plan_ms for p in runs.values()])) for m, runs in per_run.items()}
+    sps = {m: float(np.mean([p.steps_per_s for p in runs.values()])) for m, runs in per_run.items()}
     print("\nmedian planning time per env step while training: "
           + ", ".join(f"{m} {ms:.1f} ms" for m, ms in plan_ms.items()))
+    print("env steps per second while training (evaluations left out), mean over seeds: "
+          + ", ".join(f"{m} {v:.1f}" for m, v in sps.items()))
+    print("share of env steps Mode-1 acted on alone: "
+          + ", ".join(f"{m} {np.mean([p.mode1_share for p in runs.values()]):.1%}" for m, runs in per_run.items()))
     if len(plan_ms) == 2:
-        print(f"ratio ami / {vs}: {plan_ms['ami'] / plan_ms[vs]:.2f}")
+        print(f"ratio ami / {vs}: planning time {plan_ms['ami'] / plan_ms[vs]:.2f}, "
+              f"env steps per second {sps['ami'] / sps[vs]:.2f}")
     if oracle:
         if cfg.env.id != "Pendulum-v1":
             print("(--oracle is for Pendulum-v1 only)")

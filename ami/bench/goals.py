@@ -17,9 +17,12 @@ import torch
 from tqdm import tqdm
 
 from ami.bench.parallel import run_jobs
-from ami.checkpoint import latest_checkpoint, load_checkpoint
+from ami.checkpoint import load_checkpoint
 from ami.config import ConfigError
-from ami.goals import batched, load_goal_agent, run_goal_episode
+from ami.envs import make_vector_env
+from ami.goals import run_goal_episode
+from ami.loop import EnvLoop
+from ami.train import load_agent
 
 EVAL_SEED = 1_000_000  # start/goal pairs come from env seeds EVAL_SEED + i: never the training data's
 # Planner variants: overrides on the run's own configuration. "gradient" is the configuration as trained;
@@ -63,14 +66,14 @@ class Row:
 
 
 def evaluate_variant(run_dir: str, variant: str, episodes: int, progress: bool) -> Row:
-    agent, cfg, env = load_goal_agent(run_dir, VARIANTS[variant])
+    agent, cfg, _ = load_agent(run_dir, VARIANTS[variant])
     generator = torch.Generator().manual_seed(cfg.seed)
+    loop = EnvLoop(make_vector_env(cfg.env, 1), cfg.env.nonfinite)
     # One untimed planning call first: a torch.compile'd energy compiles on its first call.
-    obs, _ = env.reset(seed=EVAL_SEED)
-    agent.act(batched(obs), generator=generator)
-    results = [run_goal_episode(agent, env, EVAL_SEED + i, generator=generator)
+    agent.act(loop.reset(seed=EVAL_SEED), generator=generator)
+    results = [run_goal_episode(agent, loop, EVAL_SEED + i, generator=generator)
                for i in tqdm(range(episodes), desc=f"s{cfg.seed} {variant}", disable=not progress, leave=False)]
-    env.close()
+    loop.envs.close()
     success = np.array([r.success for r in results])
     times = np.array([r.agent_time_s for r in results])
     calls = sum(r.plan_calls for r in results)
@@ -100,7 +103,7 @@ def table(rows: list[Row], variants: list[str]) -> str:
 
 
 def _has_trained_critic(run_dir: str) -> bool:
-    critic = load_checkpoint(latest_checkpoint(Path(run_dir)), "cpu").get("goal_critic")
+    critic = load_checkpoint(Path(run_dir))[0]["modules"].get("goal_critic")
     return critic is not None and bool(critic["trained"])
 
 

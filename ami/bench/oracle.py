@@ -8,9 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ami.build import build_planner
 from ami.config import ActorConfig
 from modules.cost import discount_weights
-from modules.planners import EnergyFn, GradientPlanner, MPPIPlanner, shift_plan
+from modules.planners import EnergyFn, shift_plan
 
 GRAVITY, MASS, LENGTH, DT, MAX_SPEED, MAX_TORQUE = 10.0, 1.0, 1.0, 0.05, 8.0, 2.0
 
@@ -42,7 +43,7 @@ def pendulum_energy(discount: float) -> EnergyFn:
 
 def true_dynamics_policy(config: ActorConfig, discount: float, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
     """A policy for ami.evaluate.run_episodes: obs (B, 3) -> actions (B, 1), warm-started like ami."""
-    planner = GradientPlanner(config) if config.planner == "gradient" else MPPIPlanner(config)
+    planner = build_planner(config)
     energy = pendulum_energy(discount)
     generator = torch.Generator().manual_seed(seed)
     previous: list[torch.Tensor] = []

@@ -15,8 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from ami.build import build_agent, resolve_device
-from modules.planners import GradientPlanner, MPPIPlanner
+from ami.build import build_agent, build_planner, resolve_device
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,11 @@ def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterat
     """
     agent_cfg = OmegaConf.to_object(cfg.agent)
     agent_cfg.actor.candidates = batch
+    agent_cfg.actor.planner = planner_name
     agent_cfg.actor.compile = False
     agent = build_agent(agent_cfg, 3, 1, list(cfg.env.observation_names) or ["obs_0", "obs_1", "obs_2"],
                         device)
-    planner = (GradientPlanner if planner_name == "gradient" else MPPIPlanner)(agent_cfg.actor)
+    planner = build_planner(agent_cfg.actor)
     weights = agent.cost.intrinsic.weight_vector().to(device)
     generator = torch.Generator().manual_seed(0)
     state = torch.randn(1, agent_cfg.perception.latent_dim, device=device)

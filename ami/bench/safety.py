@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ami.bench.parallel import run_jobs
 from ami.config import load_config, without_guardrails
-from ami.envs import make_env
+from ami.envs import make_vector_env
 from ami.evaluate import EvalResult, evaluate, run_episodes
+from ami.loop import EnvLoop
 from ami.train import Trainer
 
 METHODS = ("guarded", "unguarded", "random")
@@ -71,7 +72,7 @@ def run_agent(cfg: DictConfig, run_dir: Path, method: str, episodes: int) -> Out
         log = list(csv.DictReader(f))
     column = {key: np.array([float(row[key]) for row in log]) for key in ("return", "cost", "interventions")}
     train = summarise(method, cfg.seed, "train", column["return"], column["cost"], column["interventions"],
-                      trainer.safety_totals["cost"], trainer.step)
+                      trainer.episode_log.totals["cost"], trainer.loop.env_steps)
     curve = [(0, 0.0)] + [(int(row["step"]), float(total))
                           for row, total in zip(log, np.cumsum(column["cost"]), strict=True)]
     return Outcome([train, from_eval(method, cfg.seed, evaluate(trainer.agent, cfg.env, episodes))], curve)
@@ -79,31 +80,31 @@ def run_agent(cfg: DictConfig, run_dir: Path, method: str, episodes: int) -> Out
 
 def run_random(cfg: DictConfig, episodes: int) -> Outcome:
     """Uniform random actions, unshielded: as many training steps as the agents, then evaluation."""
-    env = make_env(cfg.env)
-    shape = env.action_space.shape
+    loop = EnvLoop(make_vector_env(cfg.env, cfg.train.num_envs), cfg.env.nonfinite)
+    shape = (loop.num_envs, *loop.envs.single_action_space.shape)
     rng = np.random.default_rng(cfg.seed)
+
+    def policy(obs: object) -> np.ndarray:
+        return rng.uniform(-1, 1, shape).astype(np.float32)
+
     returns, costs, curve = [], [], [(0, 0.0)]
-    episode_return = episode_cost = total_cost = 0.0
-    env.reset(seed=cfg.seed)
+    total_cost = 0.0
+    loop.reset(seed=cfg.seed)
     start = time.perf_counter()
-    for step in range(1, cfg.train.total_steps + 1):
-        _, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, shape).astype(np.float32))
-        episode_return += float(reward)
-        episode_cost += float(info.get("cost", 0.0))
-        total_cost += float(info.get("cost", 0.0))
-        if terminated or truncated:
-            returns.append(episode_return)
-            costs.append(episode_cost)
-            curve.append((step, sum(costs)))
-            episode_return = episode_cost = 0.0
-            env.reset()
-    env.close()
-    print(f"{cfg.env.id} with random actions, through ami's wrappers: "
-          f"{cfg.train.total_steps / (time.perf_counter() - start):,.0f} env steps/s", flush=True)
+    while loop.env_steps < cfg.train.total_steps:
+        step = loop.step(policy)
+        total_cost += float(np.where(step.valid, step.info.get("cost", 0.0), 0.0).sum())
+        for episode in step.finished:
+            returns.append(episode.stats["return"])
+            costs.append(episode.stats["cost"])
+            curve.append((loop.env_steps, sum(costs)))
+    loop.envs.close()
+    print(f"{cfg.env.id} with random actions, through ami's env loop: "
+          f"{loop.env_steps / (time.perf_counter() - start):,.0f} env steps/s", flush=True)
     train = summarise("random", cfg.seed, "train", np.array(returns), np.array(costs), np.zeros(len(returns)),
-                      total_cost, cfg.train.total_steps)
+                      total_cost, loop.env_steps)
     action_rng = np.random.default_rng(cfg.seed + 1)
-    result = run_episodes(lambda obs: action_rng.uniform(-1, 1, (obs.shape[0], *shape)).astype(np.float32),
+    result = run_episodes(lambda obs: action_rng.uniform(-1, 1, (episodes, *shape[1:])).astype(np.float32),
                           cfg.env, episodes)
     return Outcome([train, from_eval("random", cfg.seed, result)], curve)
 

@@ -79,9 +79,15 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
                        env.observation_space.high.astype(np.float32), dtype=np.float32))
 
 
-def make_vector_env(config: EnvConfig, num_envs: int) -> gym.vector.SyncVectorEnv:
-    makers: list[Callable[[], gym.Env]] = [lambda: make_env(config) for _ in range(num_envs)]
-    return gym.vector.SyncVectorEnv(makers)
+def make_vector_env(config: EnvConfig, num_envs: int, render_mode: str | None = None,
+                    autoreset_mode: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP
+                    ) -> gym.vector.SyncVectorEnv:
+    """num_envs copies of the configured env in one gymnasium vector env. NEXT_STEP autoreset by default: an
+    ended environment resets on the following step, so at a checkpoint taken when every episode has just ended
+    no reset has drawn from the envs' generators yet, and a resumed run starts the very episodes the
+    uninterrupted one would (ami.loop reads the mode from the vector env's metadata and handles SAME_STEP too)."""
+    makers: list[Callable[[], gym.Env]] = [lambda: make_env(config, render_mode) for _ in range(num_envs)]
+    return gym.vector.SyncVectorEnv(makers, autoreset_mode=autoreset_mode)
 
 
 def observation_names(config: EnvConfig, env: gym.Env) -> list[str]:
