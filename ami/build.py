@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gymnasium as gym
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from ami.agent import Agent
 from ami.config import ActorConfig, AgentConfig
@@ -26,11 +25,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: CUDA is not available on this machine; use device=cpu or auto")
     return device
-
-
-def as_dataclass(cfg: DictConfig) -> AgentConfig:
-    """The agent section as typed dataclasses (each module gets its own)."""
-    return OmegaConf.to_object(cfg)
 
 
 def build_planner(config: ActorConfig, repairs: Repairs | None = None) -> GradientPlanner | MPPIPlanner:

@@ -119,7 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
         if args.vs not in control.PEERS:
-            load_config([*args.overrides, *args.vs.split(",")])  # a bad override fails here, naming its key
+            load_config([f"env={args.env}", *args.overrides, *args.vs.split(",")])  # a bad override fails here
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / "bench" / f"control__{args.env}__{stamp}"
         control.run(args.env, args.steps, args.seeds, args.vs, args.eval_every, args.episodes, args.threshold,
@@ -166,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ami.evaluate import EVAL_SEED, evaluate, record_video
-    from ami.train import load_agent
+    from ami.runs import load_agent
 
     run_dir = Path(args.run_dir)
     if args.episodes < 1:

@@ -244,7 +244,7 @@ class AgentConfig:
 class TrainConfig:
     # Environments stepped at once (a gymnasium vector env): the agent plans for all of them in one batch. Every
     # count below is in env steps over all of them.
-    num_envs: int = 1
+    num_envs: int = 4
     total_steps: int = 3000
     seed_steps: int = 200  # random actions (shielded) before the agent plans
     pretrain_updates: int = 200  # update rounds on the seed data before the agent first acts

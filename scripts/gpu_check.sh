@@ -8,7 +8,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name())" 2>&1 | tee "$out/gpu.log"
 # The tests took 69 s and 105 s on an H200; torch's DEBUG trace logs would bury a failure's traceback.
-timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider -p no:logging --durations=0 tests/test_gpu.py 2>&1 \
+timeout 300 python3 -m pytest -q -n 0 --tb=short -p no:cacheprovider -p no:logging --durations=0 tests/test_gpu.py 2>&1 \
     | tee -a "$out/gpu.log"
 timeout 90 python3 -m ami.cli bench planner --device cuda --compile off --grid --repeats 10 --out "$out/planner" \
     2>&1 | grep -v Warning | tee -a "$out/gpu.log"

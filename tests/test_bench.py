@@ -71,7 +71,7 @@ def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, extra):
     peer_rows = [r for r in rows if r["method"] == vs]
     assert all(np.isnan(float(r["plan_ms_median"])) for r in peer_rows) if vs == "sac" else \
         all(float(r["steps_per_s"]) > 0 for r in peer_rows)  # SAC does not plan
-    assert "median planning time per env step" in stdout and "env steps per second" in stdout
+    assert "planning time per env step while training, median (mean)" in stdout and "env steps per second" in stdout
     assert f"{'ami':>20s} {vs:>20s}" in stdout
     assert "env steps to reach -2000.0" in stdout
     png = (out / "learning_curve.png").read_bytes()

@@ -11,7 +11,8 @@ import torch
 
 from ami.checkpoint import SCHEMA_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from ami.config import load_config
-from ami.train import Trainer, load_agent
+from ami.runs import load_agent
+from ami.train import Trainer
 from modules.cost import GuardrailError
 
 AMI = [sys.executable, "-m", "ami.cli"]

@@ -16,7 +16,8 @@ from ami.config import load_config
 from ami.evaluate import evaluate, record_video
 from ami.learner import NonFiniteLossError
 from ami.logger import Logger
-from ami.train import Trainer, load_agent
+from ami.runs import load_agent
+from ami.train import Trainer
 
 TESTS = Path(__file__).parent
 TINY = ["agent=tiny", "progress=false", "train.seed_steps=100", "train.pretrain_updates=10", "train.eval_every=10000",

@@ -12,7 +12,7 @@ import torch
 from ami.checkpoint import load_checkpoint
 from ami.envs import make_env
 from ami.goals import batched
-from ami.train import load_agent
+from ami.runs import load_agent
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -16,7 +16,8 @@ from ami.build import build_agent
 from ami.config import ConfigError, load_config, without_guardrails
 from ami.envs import make_env, observation_names
 from ami.envs.hazard_nav import HazardNavEnv
-from ami.train import Trainer, load_agent
+from ami.runs import load_agent
+from ami.train import Trainer
 from modules.actor import PlanEnergy
 from modules.cost import GuardrailError, IntrinsicCost
 from modules.shield import Shield
@@ -298,3 +299,18 @@ def test_plan_energy_prices_what_the_shield_would_refuse_and_compiles_the_same()
         state, actions)
     torch.testing.assert_close(compiled, guided, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(compiled_grad, grad, atol=1e-4, rtol=1e-4)
+
+
+def test_the_shields_output_is_finite_and_in_bounds_and_a_nan_observation_breaks_the_guardrail():
+    """The shield on its own, fed what a broken planner or env could give it: proposals and alternatives far
+    out of bounds or NaN, an observation with NaN entries. What it sends is finite and in [-1, 1]; a guardrail
+    cost it cannot compute counts as broken, so the fallback is sent, never the unchecked proposal."""
+    _, env, _, _, shield = hazard_nav_parts()
+    obs = torch.as_tensor(np.stack([env.reset(seed=s)[0] for s in range(4)]))
+    obs[2, :] = float("nan")  # a NaN observation
+    proposed = torch.tensor([[5.0, -7.0], [float("nan"), 0.3], [0.2, 0.2], [0.01, 0.0]])
+    alternatives = torch.tensor([[[9.0, 9.0]], [[float("nan"), float("nan")]], [[0.0, 0.0]], [[0.0, 0.0]]])
+    decision = shield.filter(obs, proposed.clamp(-1, 1), alternatives=alternatives)
+    assert torch.isfinite(decision.actions).all() and decision.actions.abs().max() <= 1.0
+    assert decision.intervened[2] and decision.fallback[2] and torch.equal(decision.actions[2], torch.zeros(2))
+    assert not decision.intervened[3] and torch.equal(decision.actions[3], proposed[3])

@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ami.config import load_config, load_saved
 from ami.envs import make_env
 from ami.evaluate import EVAL_SEED, evaluate
-from ami.train import Trainer, load_agent
+from ami.runs import load_agent
+from ami.train import Trainer
 from modules.cost import GuardrailError
 
 # Short tiny runs: 100 random seed steps, 50 pretraining updates, then planning.
@@ -223,13 +224,13 @@ def test_short_run_beats_random_actions_on_pendulum(tmp_path):
     random_mean = float(random_returns(cfg.env, 5).mean())
     assert -1500 < random_mean < -900
     assert result.mean > random_mean + 500, (result.returns, random_mean)
-    memory = trainer.agent.memory
-    stored = memory.has_transition[:, 0]
-    steps, planned = memory.step[stored, 0], memory.planned[stored, 0]
-    assert torch.equal(steps, torch.arange(800))
+    memory = trainer.agent.memory  # four environments: the default
+    stored = memory.has_transition
+    steps, planned = memory.step[stored], memory.planned[stored]
+    assert memory.num_envs == 4 and torch.equal(steps.sort().values, torch.arange(800))
     # Mode-2 planned every step after the seed phase, and Mode-1 imitates what it planned, not what was sent.
-    assert not planned[:200].any() and planned[200:].all()
-    plan_action, sent = memory.plan_action[stored, 0][200:], memory.action[stored, 0][200:]
+    assert not planned[steps < 200].any() and planned[steps >= 200].all()
+    plan_action, sent = memory.plan_action[stored][steps >= 200], memory.action[stored][steps >= 200]
     assert not torch.equal(plan_action, sent)  # exploration noise and the shield lie between them
 
 

@@ -28,6 +28,7 @@ class Point:
     step: int
     result: EvalResult
     plan_ms: float = float("nan")  # the run's median planning time per env step (nan for SAC)
+    plan_ms_mean: float = float("nan")  # its mean: the whole planning time over the env steps
     steps_per_s: float = float("nan")  # the run's env steps per second of training, evaluations left out
     mode1_share: float = float("nan")  # the share of env steps Mode-1 acted on alone
 
@@ -49,7 +50,8 @@ def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
         torch.set_num_threads(cfg.threads)
     trainer = Trainer(cfg, run_dir)
     result = trainer.train()
-    plan_ms = float(np.median(trainer.plan_times_ms)) if trainer.plan_times_ms else float("nan")
+    times = trainer.plan_times_ms
+    plan_ms, plan_ms_mean = (float(np.median(times)), float(np.mean(times))) if times else (float("nan"),) * 2
     sps = trainer.loop.env_steps / max(result["train_seconds"] - trainer.eval_seconds, 1e-9)
     mode1 = trainer.mode1_steps / max(trainer.loop.env_steps - min(cfg.train.seed_steps, trainer.loop.env_steps), 1)
     points = []
@@ -58,7 +60,7 @@ def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
             returns = np.array([float(r) for r in row["returns"].split()])
             zeros = np.zeros(len(returns))
             points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, zeros, zeros, zeros),
-                                plan_ms, sps, mode1))
+                                plan_ms, plan_ms_mean, sps, mode1))
     return points
 
 
@@ -179,11 +181,12 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
     cfg = load_config(base)
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "step", "return_mean", "return_std", "plan_ms_median", "steps_per_s",
-                         "mode1_share"])
+        writer.writerow(["method", "seed", "step", "return_mean", "return_std", "plan_ms_median", "plan_ms_mean",
+                         "steps_per_s", "mode1_share"])
         for p in points:
             writer.writerow([p.method, p.seed, p.step, f"{p.result.mean:.2f}", f"{p.result.std:.2f}",
-                             f"{p.plan_ms:.2f}", f"{p.steps_per_s:.2f}", f"{p.mode1_share:.4f}"])
+                             f"{p.plan_ms:.2f}", f"{p.plan_ms_mean:.2f}", f"{p.steps_per_s:.2f}",
+                             f"{p.mode1_share:.4f}"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     for p in points:
         writer.add_scalar(f"bench/{p.method}/s{p.seed}/return_mean", p.result.mean, p.step)
@@ -199,16 +202,17 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
     ami_methods = [m for m in methods if m != "sac"]
     per_run = {m: {p.seed: p for p in points if p.method == m} for m in ami_methods}
     plan_ms = {m: float(np.median([p.plan_ms for p in runs.values()])) for m, runs in per_run.items()}
+    plan_mean = {m: float(np.mean([p.plan_ms_mean for p in runs.values()])) for m, runs in per_run.items()}
     sps = {m: float(np.mean([p.steps_per_s for p in runs.values()])) for m, runs in per_run.items()}
-    print("\nmedian planning time per env step while training: "
-          + ", ".join(f"{m} {ms:.1f} ms" for m, ms in plan_ms.items()))
+    print("\nplanning time per env step while training, median (mean): "
+          + ", ".join(f"{m} {ms:.1f} ({plan_mean[m]:.1f}) ms" for m, ms in plan_ms.items()))
     print("env steps per second while training (evaluations left out), mean over seeds: "
           + ", ".join(f"{m} {v:.1f}" for m, v in sps.items()))
     print("share of env steps Mode-1 acted on alone: "
           + ", ".join(f"{m} {np.mean([p.mode1_share for p in runs.values()]):.1%}" for m, runs in per_run.items()))
     if len(plan_ms) == 2:
-        print(f"ratio ami / {vs}: planning time {plan_ms['ami'] / plan_ms[vs]:.2f}, "
-              f"env steps per second {sps['ami'] / sps[vs]:.2f}")
+        print(f"ratio ami / {vs}: planning time {plan_ms['ami'] / plan_ms[vs]:.2f} (mean "
+              f"{plan_mean['ami'] / plan_mean[vs]:.2f}), env steps per second {sps['ami'] / sps[vs]:.2f}")
     if oracle:
         if cfg.env.id != "Pendulum-v1":
             print("(--oracle is for Pendulum-v1 only)")

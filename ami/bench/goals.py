@@ -22,7 +22,7 @@ from ami.config import ConfigError
 from ami.envs import make_vector_env
 from ami.goals import run_goal_episode
 from ami.loop import EnvLoop
-from ami.train import load_agent
+from ami.runs import load_agent
 
 EVAL_SEED = 1_000_000  # start/goal pairs come from env seeds EVAL_SEED + i: never the training data's
 # Planner variants: overrides on the run's own configuration. "gradient" is the configuration as trained;
