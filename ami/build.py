@@ -6,7 +6,7 @@ import gymnasium as gym
 import torch
 
 from ami.agent import Agent
-from ami.config import ActorConfig, AgentConfig
+from ami.config import ActorConfig, AgentConfig, ConfigError
 from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
 from modules.cost import Cost, GoalCritic, IntrinsicCost, TrainableCritic
@@ -21,9 +21,14 @@ from modules.world_model import WorldModel
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"device={name!r}: not a torch device; expected auto, cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available on this machine; use device=cpu or auto")
+        raise ConfigError(f"device={name!r}: CUDA is not available on this machine; use device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -1,14 +1,21 @@
-"""Command line: `ami train [overrides]`, `ami train --resume RUN_DIR`, `ami eval RUN_DIR`."""
+"""Command line: `ami train [overrides]`, `ami train --resume RUN_DIR`, `ami eval RUN_DIR`, `ami config`, `ami bench`.
+
+Flags and key=value overrides mix in any order. A user error (configuration, files, an env ami cannot drive)
+exits 2 with one line; a run stopped on non-finite data exits 1; Ctrl-C saves a resumable checkpoint and
+exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ami import __version__
 from ami.checkpoint import CheckpointError
 from ami.config import ConfigError, available, load_config, load_saved
 from ami.envs import UnsupportedEnvError
@@ -16,21 +23,31 @@ from ami.learner import NonFiniteLossError
 from ami.loop import NonFiniteError
 from modules.cost import GuardrailError
 
+if TYPE_CHECKING:
+    from ami.train import Trainer
+
 EXIT_USAGE = 2  # the command, its configuration or its files are wrong
 EXIT_STOPPED = 1  # a run stopped on data it cannot use (a non-finite observation, reward or loss)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+# Commands whose positional key=value arguments are config overrides (flags may come between them).
+TAKES_OVERRIDES = ("train", "eval", "config", "planner", "control", "safety")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ami", description="Autonomous machine intelligence agents.")
+    parser.add_argument("--version", action="version", version=f"ami {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train an agent",
-                           description=f"Overrides: env=NAME agent=NAME key=value. env: {available('env')}; "
-                                       f"agent: {available('agent')}.")
+    presets = (f"Overrides: env=PRESET agent=PRESET key=value, where a preset is one of env {available('env')}, "
+               f"agent {available('agent')}, or a YAML file (env=./my_env.yaml).")
+    train = sub.add_parser("train", help="train an agent", description=presets)
     train.add_argument("overrides", nargs="*", help="env=pendulum agent=ami seed=3 agent.actor.horizon=20")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config = sub.add_parser("config", help="print the resolved configuration and exit", description=presets)
+    config.add_argument("overrides", nargs="*", help="as for train")
     ev = sub.add_parser("eval", help="evaluate a trained run")
     ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="on top of the run's saved config, e.g. device=cpu")
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--video", action="store_true", help="also write an mp4 of one episode into the run")
     ev.add_argument("--seed", type=int, default=None, help="first start seed (default: the fixed eval seed)")
@@ -138,7 +155,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ami.train import Trainer, describe, new_run_dir
+    from ami.train import Trainer, new_run_dir
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     if args.resume:
@@ -149,11 +166,9 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(overrides)
         run_dir = new_run_dir(cfg)
-    print(OmegaConf.to_yaml(cfg), end="")
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     print(describe(trainer))
-    unit = "update" if cfg.reward_free.enabled and trainer.learner.updates else "step"
-    print(f"run directory: {run_dir}" + (f" (resuming at {unit} {trainer.x_axis()})" if args.resume else ""))
+    print(f"run directory: {run_dir}" + (f" (resuming at {trainer.position()})" if args.resume else ""))
     result = trainer.train()
     print(f"done: {result['step']} env steps, {result['updates']} updates in {result['train_seconds']:.0f} s; "
           f"checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
@@ -164,6 +179,38 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe(trainer: Trainer) -> str:
+    """The start-up summary: env, agent, parameters, planner, shield (the whole config is the run's config.yaml)."""
+    from ami.build import parameter_counts
+
+    counts = parameter_counts(trainer.agent)
+    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    actor = trainer.agent.actor
+    planning = f"planner: {actor.config.planner}, {trainer.loop.num_envs} env(s) planned as one batch"
+    if actor.energy.compiled:
+        planning += "; torch.compile'd (each new batch size compiles on first use: about a minute cold)"
+    shield = trainer.agent.shield
+    if shield.active:
+        checks = ["ego model " + trainer.cfg.agent.shield.ego.kind] if shield.ego is not None else []
+        checks += ["world model (once trained)"] if shield.check_world_model else []
+        guard = (f"shield: on, guardrails {sorted(trainer.agent.cost.intrinsic.guardrail_names)}, checked by "
+                 f"{' and '.join(checks) or 'nothing'}, fallback {shield.fallback_kind}")
+    else:
+        guard = "shield: off" + ("" if trainer.agent.cost.intrinsic.guardrail_names else " (no guardrail terms)")
+    cfg = trainer.cfg
+    names = trainer.agent.world_model.observation_names
+    observed = f"{len(names)} named quantities" if names else "pixels"
+    text = (f"env {cfg.env.name} ({cfg.env.id}, {observed}), agent {cfg.agent.name}, seed {cfg.seed}, "
+            f"{trainer.loop.num_envs} env(s); full config: {trainer.run_dir / 'config.yaml'}\n"
+            f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}\n{guard}")
+    rf = trainer.cfg.reward_free
+    if rf.enabled:
+        text += (f"\nreward-free: {rf.transitions:,} random-action transitions, {rf.updates} joint updates, then "
+                 f"{rf.predictor_updates} of the predictor alone and {rf.critic_updates} of the goal critic (no "
+                 "reward stored or used)")
+    return text
+
+
 def _eval(args: argparse.Namespace) -> int:
     from ami.evaluate import EVAL_SEED, evaluate, record_video
     from ami.runs import load_agent
@@ -171,7 +218,7 @@ def _eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if args.episodes < 1:
         raise ConfigError(f"--episodes={args.episodes}: expected a positive number")
-    agent, cfg, step = load_agent(run_dir)
+    agent, cfg, step = load_agent(run_dir, args.overrides)
     seed = EVAL_SEED if args.seed is None else args.seed
     result = evaluate(agent, cfg.env, args.episodes, seed)
     print(f"{run_dir}: step {step}, {args.episodes} episodes from seed {seed}: "
@@ -184,11 +231,33 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    print(OmegaConf.to_yaml(load_config(args.overrides)), end="")
+    return 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """argv -> arguments; key=value overrides may follow or precede flags (argparse alone takes only the first
+    run of them)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    command = args.bench if args.command == "bench" else args.command
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or command not in TAKES_OVERRIDES]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        commands = {"train": _train, "eval": _eval, "bench": _bench}
+        commands = {"train": _train, "eval": _eval, "bench": _bench, "config": _config}
         return commands[args.command](args)
+    except KeyboardInterrupt:  # a run has saved its checkpoint and printed how to resume
+        print("ami: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (OmegaConfBaseException, ConfigError, GuardrailError, UnsupportedEnvError) as error:
         print(f"ami: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE

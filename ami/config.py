@@ -1,7 +1,8 @@
 """Structured configuration: one dataclass per module, composed into a RunConfig.
 
-Resolution order: schema defaults < configs/env/<env>.yaml < configs/agent/<agent>.yaml < CLI
-dotlist. Unknown keys and wrong types raise OmegaConf errors that name the full key.
+Resolution order: schema defaults < the env preset < the agent preset < CLI dotlist. A preset is a name
+(configs/env/<name>.yaml, shipped inside the package as ami/presets/ by an install) or a path to a YAML file
+anywhere (env=./my_env.yaml). Unknown keys and wrong types raise OmegaConf errors that name the full key.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# An installed wheel carries the presets inside the package; a checkout keeps them in configs/ at the top.
+_PACKAGED = Path(__file__).resolve().parent / "presets"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -252,6 +255,8 @@ class TrainConfig:
     updates_per_round: int = 1
     eval_every: int = 500
     eval_episodes: int = 10
+    # At each evaluation, one more episode rendered into TensorBoard (eval/video); the env must render rgb_array.
+    eval_video: bool = False
     checkpoint_every: int = 1000  # a checkpoint at the first episode end after each multiple (or that many later)
     log_every: int = 100  # env steps between module-loss logs
 
@@ -303,15 +308,33 @@ class ConfigError(ValueError):
 
 
 def available(kind: str) -> list[str]:
-    """Names of the YAML variants under configs/<kind>/."""
+    """Names of the shipped presets of this kind ("env" or "agent")."""
     return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
 
 
+def is_preset_file(value: str) -> bool:
+    """env=./my_env.yaml names a file; env=pendulum a shipped preset."""
+    return value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value
+
+
 def _variant(kind: str, name: str) -> DictConfig:
-    path = CONFIG_DIR / kind / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{kind}={name!r}: no such variant; expected one of {available(kind)}")
-    return OmegaConf.load(path)
+    if is_preset_file(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{kind}={name!r}: no such file (from {Path.cwd()}); expected a YAML preset file "
+                              f"or one of {available(kind)}")
+    else:
+        path = CONFIG_DIR / kind / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{kind}={name!r}: no such preset; expected one of {available(kind)} or a path to a "
+                              "YAML file")
+    preset = OmegaConf.load(path)
+    if not isinstance(preset, DictConfig):
+        raise ConfigError(f"{kind}={name!r}: {path} holds a {type(preset).__name__}; expected a mapping such as "
+                          "'env: {id: ...}'")
+    if OmegaConf.select(preset, f"{kind}.name") is None:  # runs are named by their presets
+        preset = OmegaConf.merge(preset, {kind: {"name": path.stem}})
+    return preset
 
 
 def _merge(*configs: DictConfig) -> DictConfig:

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 from ami.agent import Agent
 from ami.config import EnvConfig
 from ami.envs import make_vector_env
+from ami.figures import render_episode
 from ami.loop import EnvLoop
 from ami.messages import Action
 
@@ -75,21 +75,7 @@ def record_video(agent: Agent, env_config: EnvConfig, path: str | Path, seed: in
     """Render one evaluation episode to an mp4 at `path`; returns its return."""
     import imageio.v2 as imageio
 
-    generator = torch.Generator().manual_seed(seed)
-    # NEXT_STEP: after the episode's last step the env still shows its final state.
-    loop = EnvLoop(make_vector_env(env_config, 1, "rgb_array", gym.vector.AutoresetMode.NEXT_STEP),
-                   env_config.nonfinite)
-    with agent.fresh_episodes():
-        try:
-            loop.reset(seed=seed)
-            frames = [loop.envs.envs[0].render()]
-            while True:
-                step = loop.step(lambda obs: agent.act(obs, generator=generator))
-                frames.append(loop.envs.envs[0].render())
-                if step.finished:
-                    break
-        finally:
-            loop.envs.close()
+    frames, episode_return = render_episode(agent, env_config, seed, torch.Generator().manual_seed(seed))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     imageio.mimwrite(str(path), frames, fps=fps, macro_block_size=1)
-    return step.finished[0].stats["return"]
+    return episode_return

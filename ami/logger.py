@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -24,7 +26,8 @@ class Logger:
         self.writer.add_scalar(tag, float(value), step)
 
     def scalars(self, values: dict[str, Any], step: int) -> None:
-        """Floats become scalars; a vector becomes one scalar per entry and a histogram."""
+        """Floats become scalars; a vector (per latent dimension, say) a histogram and its min and mean as scalars
+        (a scalar per entry would bury the losses under pages of them)."""
         for tag, value in values.items():
             if isinstance(value, torch.Tensor) and value.numel() > 1:
                 if tag.endswith("by_horizon"):
@@ -32,8 +35,6 @@ class Logger:
                     for k, v in enumerate(value.tolist(), start=1):
                         self.scalar(f"{base}/h{k}", v, step)
                 else:
-                    for i, v in enumerate(value.tolist()):
-                        self.scalar(f"{tag}/dim_{i:02d}", v, step)
                     finite = value[torch.isfinite(value)]
                     if finite.numel():  # TensorBoard's histogram code fails on non-finite values
                         self.writer.add_histogram(tag, finite, step)
@@ -41,6 +42,15 @@ class Logger:
                     self.scalar(f"{tag}_mean", value.mean().item(), step)
             else:
                 self.scalar(tag, None if value is None else float(value), step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """image: (H, W, 3) uint8."""
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def video(self, tag: str, gif: bytes, height: int, width: int, step: int) -> None:
+        """An animated GIF (ami.figures.gif), written as add_video writes one, without its moviepy dependency."""
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
         """Hyperparameters in this run's own directory (add_hparams would make a sub-run)."""

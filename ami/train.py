@@ -12,6 +12,7 @@ import dataclasses
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +20,39 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ami import reward_free, runlog
+from ami import figures, reward_free, runlog
 from ami.agent import storable_observation
-from ami.build import parameter_counts, resolve_device
+from ami.build import resolve_device
 from ami.checkpoint import load_checkpoint, save_checkpoint
 from ami.config import ConfigError
 from ami.envs import make_vector_env
-from ami.evaluate import evaluate
+from ami.evaluate import EVAL_SEED, evaluate
 from ami.learner import Learner
 from ami.logger import Logger
-from ami.loop import EnvLoop
+from ami.loop import EnvLoop, Episode
 from ami.messages import Step
 from ami.runs import agent_state, build_run_agent, load_agent_state
+
+
+class Callback:
+    """Hooks into a training run (an agent run's env steps; ami.api's learn). Either method returning False
+    stops the run after this step, with a checkpoint, as at its end."""
+
+    def on_step(self, trainer: Trainer, step: Step) -> bool | None:
+        """After every step of the env loop (all environments at once) and the agent's observing of it."""
+        return None
+
+    def on_episode(self, trainer: Trainer, episode: Episode) -> bool | None:
+        """After an episode of one environment ends: its return, length, cost and interventions."""
+        return None
+
+
+class FunctionCallback(Callback):
+    def __init__(self, function: Callable[[Trainer, Step], bool | None]) -> None:
+        self.function = function
+
+    def on_step(self, trainer: Trainer, step: Step) -> bool | None:
+        return self.function(trainer, step)
 
 
 def seed_everything(seed: int) -> None:
@@ -133,11 +155,18 @@ class Trainer:
         window["configurator/horizon"].append(task.horizon)
         window["configurator/iterations"].append(task.iterations)
 
-    def train(self) -> dict[str, float]:
+    def train(self, until: int | None = None, callback: Callback | Callable | None = None,
+              close: bool = True) -> dict[str, float]:
+        """Run the schedule to its end, or (an agent run) to env step `until`, saving a checkpoint at the end.
+        callback: a Callback, or a function called as on_step; either may stop the run. close=False keeps the
+        envs and the TensorBoard writer open for another call (ami.api)."""
+        self.until = self.cfg.train.total_steps if until is None else until
+        self.callback = callback if callback is None or isinstance(callback, Callback) else FunctionCallback(callback)
         bar = tqdm(total=self._total(), initial=self._progress(), disable=not self.cfg.progress,
                    desc=f"{self.cfg.env.name}/{self.cfg.agent.name} s{self.cfg.seed}",
                    unit="update" if self.cfg.reward_free.enabled and self.learner.updates else "step")
         self.start_time, self.start_progress = time.perf_counter(), self._progress()
+        self._last_rate = (self.start_time, self.start_progress, self.eval_seconds)
         try:
             if self.cfg.reward_free.enabled:
                 self._reward_free(bar)
@@ -146,19 +175,29 @@ class Trainer:
             self.save()
         except KeyboardInterrupt:
             self.save()
-            bar.write(f"interrupted at {bar.unit} {self._progress()}; resume with: ami train --resume {self.run_dir}")
+            tqdm.write(f"interrupted at {self.position()}; resume with: ami train --resume {self.run_dir}")
             raise
         finally:
             bar.close()
-            self.logger.close()
-            self.loop.envs.close()
+            if close:
+                self.close()
         return {"step": self.loop.env_steps, "updates": self.learner.updates, "last_return": self.last_return,
                 "train_seconds": time.perf_counter() - self.start_time, **self.health}
+
+    def close(self) -> None:
+        self.logger.close()
+        self.loop.envs.close()
+
+    def position(self) -> str:
+        """Where the run stands: "step N" (env steps), or a reward-free run past its collection "update N"."""
+        if self.cfg.reward_free.enabled and self.learner.updates:
+            return f"update {self.learner.updates}"
+        return f"step {self.loop.env_steps}"
 
     def _total(self) -> int:
         rf = self.cfg.reward_free
         return rf.transitions + rf.updates + rf.predictor_updates + rf.critic_updates if rf.enabled \
-            else self.cfg.train.total_steps
+            else self.until
 
     def _progress(self) -> int:
         return self.loop.env_steps + self.learner.updates if self.cfg.reward_free.enabled else self.loop.env_steps
@@ -166,10 +205,14 @@ class Trainer:
     def _interact(self, bar: tqdm) -> None:
         """Seed steps, pretraining, then planning with updates, evaluations and checkpoints."""
         train = self.cfg.train
-        while self.loop.env_steps < train.total_steps:
+        stop = False
+        while self.loop.env_steps < self.until and not stop:
             before = self.loop.env_steps
-            self.env_step(random=before < train.seed_steps)
+            step = self.env_step(random=before < train.seed_steps)
             after = self.loop.env_steps
+            if self.callback is not None and step.action.plan is not None:  # else every env only reset
+                stop = self.callback.on_step(self, step) is False
+                stop = any([self.callback.on_episode(self, episode) is False for episode in step.finished]) or stop
             self.last_return = self.episode_log.last_return
             stats: dict = {}
             if before < train.seed_steps <= after:
@@ -235,8 +278,7 @@ class Trainer:
             done = updates == rf.updates + rf.predictor_updates + rf.critic_updates
             if updates % rf.log_every == 0 or done:
                 self.logger.scalars(stats, updates)
-                rate = (self._progress() - self.start_progress) / (time.perf_counter() - self.start_time)
-                self.logger.scalar("charts/updates_per_s", rate, updates)
+                self.logger.scalar("charts/updates_per_s", self._current_rate(), updates)
                 health = figures.log_health(updates)
                 loss = next((f"{v:.3f}" for k, v in stats.items() if k.endswith("_loss") and v is not None), "")
                 bar.set_postfix(loss=loss, **{k: f"{v:.2f}" for k, v in health.items()})
@@ -247,10 +289,16 @@ class Trainer:
             if updates % rf.checkpoint_every == 0:
                 self.save()
 
+    def _current_rate(self) -> float:
+        """Env steps (a reward-free run: updates) per second since the last call, evaluations left out."""
+        now, progress = time.perf_counter(), self._progress()
+        then, before, eval_before = self._last_rate
+        self._last_rate = (now, progress, self.eval_seconds)
+        return (progress - before) / max(now - then - (self.eval_seconds - eval_before), 1e-9)
+
     def _log_window(self, stats: dict, bar: tqdm) -> None:
         step = self.loop.env_steps
-        sps = (step - self.start_progress) / (time.perf_counter() - self.start_time)
-        self.logger.scalar("charts/sps", sps, step)
+        self.logger.scalar("charts/sps", self._current_rate(), step)
         self.logger.scalars(stats, step)
         for tag, values in self.window.items():
             self.logger.scalar(tag, float(np.mean(values)), step)
@@ -261,7 +309,8 @@ class Trainer:
         self.logger.scalar("memory/size", len(self.agent.memory), step)
         for name, weight in self.agent.configurator.weights.items():
             self.logger.scalar(f"configurator/weight/{name}", weight, step)
-        bar.set_postfix(sps=f"{sps:.0f}", ret=f"{self.last_return:.0f}")
+        if np.isfinite(self.last_return):  # tqdm shows the current speed itself
+            bar.set_postfix(ret=f"{self.last_return:.0f}")
 
     def run_eval(self) -> None:
         start = time.perf_counter()
@@ -274,8 +323,20 @@ class Trainer:
         self.logger.scalar("eval/cost_mean", float(result.costs.mean()), step)
         self.logger.scalar("eval/interventions_mean", float(result.interventions.mean()), step)
         runlog.append_eval(self.run_dir, step, result)
+        self._eval_figures(step)
         cost = f", cost {result.costs.mean():.2f}" if result.costs.any() else ""
         tqdm.write(f"step {step}: eval return {result.mean:.1f} ± {result.std:.1f}{cost}")
+
+    def _eval_figures(self, step: int) -> None:
+        """The imagined-vs-real plot of a vector env, and with train.eval_video an episode as video."""
+        agent, env = self.agent, self.cfg.env
+        picture = figures.imagined_vs_real(agent, self.cfg.agent.actor.horizon, seed=self.cfg.seed + step)
+        if picture is not None:
+            self.logger.image("world_model/imagined_vs_real", picture, step)
+        if self.cfg.train.eval_video:
+            seed = EVAL_SEED + self.cfg.train.eval_episodes  # a start the scored episodes did not use
+            frames, _ = figures.render_episode(agent, env, seed, torch.Generator().manual_seed(seed))
+            self.logger.video("eval/video", *figures.gif(frames, fps=30), step)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -321,27 +382,3 @@ class Trainer:
             env.unwrapped.np_random.bit_generator.state = env_state
         # Interrupted episodes cannot be continued: every environment starts a fresh one from its own generator.
         loop.reset(seed=None)
-
-
-def describe(trainer: Trainer) -> str:
-    counts = parameter_counts(trainer.agent)
-    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
-    actor = trainer.agent.actor
-    planning = f"planner: {actor.config.planner}, {trainer.loop.num_envs} env(s) planned as one batch"
-    if actor.energy.compiled:
-        planning += "; torch.compile'd (each new batch size compiles on first use: about a minute cold)"
-    shield = trainer.agent.shield
-    if shield.active:
-        checks = ["ego model " + trainer.cfg.agent.shield.ego.kind] if shield.ego is not None else []
-        checks += ["world model (once trained)"] if shield.check_world_model else []
-        guard = (f"shield: on, guardrails {sorted(trainer.agent.cost.intrinsic.guardrail_names)}, checked by "
-                 f"{' and '.join(checks) or 'nothing'}, fallback {shield.fallback_kind}")
-    else:
-        guard = "shield: off" + ("" if trainer.agent.cost.intrinsic.guardrail_names else " (no guardrail terms)")
-    text = f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}\n{guard}"
-    rf = trainer.cfg.reward_free
-    if rf.enabled:
-        text += (f"\nreward-free: {rf.transitions:,} random-action transitions, {rf.updates} joint updates, then "
-                 f"{rf.predictor_updates} of the predictor alone and {rf.critic_updates} of the goal critic (no "
-                 "reward stored or used)")
-    return text

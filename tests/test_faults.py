@@ -102,7 +102,8 @@ def test_logging_writes_non_finite_values_and_survives_non_finite_vectors(tmp_pa
     logged = scalars(tmp_path)
     values = [v for _, v in logged["world_model/loss"]]
     assert np.isnan(values[0]) and np.isinf(values[1])
-    assert "nothing/here" not in logged and len(logged["world_model/latent_std/dim_00"]) == 2
+    assert "nothing/here" not in logged and len(logged["world_model/latent_std_min"]) == 2
+    assert np.isnan(logged["world_model/latent_std_mean"][1][1])  # a NaN entry shows in the mean
 
 
 def ami(*args, cwd):

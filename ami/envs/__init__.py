@@ -1,7 +1,9 @@
 """Environment construction: any gymnasium id with a Box action space, actions in [-1, 1].
 
 Observations are a flat float32 vector, a uint8 image (H, W, C), or a dict of an "image" with an optional
-"goal" image and an optional flat "vector". `env.pixels=true` turns any env that renders into an image one.
+"goal" image and an optional flat "vector". A Dict of vector Boxes (dm_control through shimmy, goal-conditioned
+envs) is flattened into one vector whose entries are named by their keys. `env.pixels=true` turns any env that
+renders into an image one.
 Importing this package registers ami's own environments with gymnasium: ami/HazardNav-v0, ami/TwoRooms-v0.
 """
 
@@ -27,6 +29,38 @@ class UnsupportedEnvError(ValueError):
     pass
 
 
+def _entry_names(key: str, space: gym.spaces.Box) -> list[str]:
+    size = int(np.prod(space.shape))
+    return [key] if size == 1 else [f"{key}_{i}" for i in range(size)]
+
+
+def is_vector_dict(space: gym.Space) -> bool:
+    """A Dict whose every entry is a Box of numbers that is not an image."""
+    return isinstance(space, gym.spaces.Dict) and bool(space.spaces) and all(
+        isinstance(part, gym.spaces.Box) and not _is_image(part) for part in space.spaces.values())
+
+
+class FlatDictObservation(gym.ObservationWrapper):
+    """A Dict of vector Boxes as one float32 vector, in the Dict's key order; its entries are named by their keys
+    (`key` for a single number, `key_0`, `key_1`, ... for an array, flattened in C order)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        spaces = env.observation_space.spaces
+        self.keys = list(spaces)
+        self.names = [name for key, part in spaces.items() for name in _entry_names(key, part)]
+        def bound(attribute: str) -> np.ndarray:
+            return np.concatenate([np.broadcast_to(getattr(part, attribute), part.shape).reshape(-1)
+                                   for part in spaces.values()]).astype(np.float32)
+        self.observation_space = gym.spaces.Box(bound("low"), bound("high"), dtype=np.float32)
+
+    def observation(self, observation: dict) -> np.ndarray:
+        return np.concatenate([np.asarray(observation[key], dtype=np.float32).reshape(-1) for key in self.keys])
+
+    def observation_names(self) -> list[str]:
+        return list(self.names)
+
+
 def observation_kind(space: gym.Space) -> str:
     """"vector", "image" or "dict"; anything else raises UnsupportedEnvError."""
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
@@ -40,7 +74,8 @@ def observation_kind(space: gym.Space) -> str:
                 vector is None or (isinstance(vector, gym.spaces.Box) and len(vector.shape) == 1)):
             return "dict"
     raise UnsupportedEnvError(f"observation space {space}: expected a flat Box, a uint8 image Box (H, W, C), "
-                              "or a Dict of 'image' with optional 'goal' (same space) and flat 'vector'")
+                              "a Dict of vector Boxes, or a Dict of 'image' with optional 'goal' (same space) and "
+                              "flat 'vector'")
 
 
 def _is_image(space: gym.Space | None) -> bool:
@@ -55,15 +90,25 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
         kwargs["max_episode_steps"] = config.max_episode_steps
     if config.pixels:
         render_mode = "rgb_array"
+    if render_mode is not None:  # an env that never renders need not take the argument
+        kwargs["render_mode"] = render_mode
     try:
-        env = gym.make(config.id, render_mode=render_mode, **kwargs)
+        env = gym.make(config.id, **kwargs)
+    except ModuleNotFoundError as error:  # env.id=my_package.my_module:MyEnv-v0 imports the module first
+        module = config.id.partition(":")[0]
+        raise UnsupportedEnvError(f"env.id={config.id!r}: cannot import module {module!r} ({error.msg.split('.')[0]}); "
+                                  "expected module:EnvId with the module importable from here") from error
     except gym.error.Error as error:
-        raise UnsupportedEnvError(f"env.id={config.id!r}: {error}") from error
+        where = f" (module {config.id.partition(':')[0]!r} imported, but it registers no such id)" \
+            if ":" in config.id and isinstance(error, gym.error.NameNotFound | gym.error.VersionNotFound) else ""
+        raise UnsupportedEnvError(f"env.id={config.id!r}: {error}{where}") from error
     if not isinstance(env.action_space, gym.spaces.Box):
         raise UnsupportedEnvError(f"env.id={config.id!r} has action space {env.action_space}; "
                                   "expected a Box (continuous) action space")
     if config.pixels:
         env = PixelObservation(env, config.image_size, config.frame_stack, config.grayscale)
+    elif is_vector_dict(env.observation_space):
+        env = FlatDictObservation(env)
     try:
         kind = observation_kind(env.observation_space)
     except UnsupportedEnvError as error:
@@ -102,8 +147,12 @@ def observation_names(config: EnvConfig, env: gym.Env) -> list[str]:
         return []
     obs_dim = (space["vector"] if kind == "dict" else space).shape[0]
     names = list(config.observation_names)
-    if not names and callable(getattr(env.unwrapped, "observation_names", None)):
-        names = list(env.unwrapped.observation_names())
+    if not names:
+        try:  # the env's own, or a wrapper's (FlatDictObservation's)
+            own = env.get_wrapper_attr("observation_names")
+        except AttributeError:
+            own = None
+        names = list(own()) if callable(own) else []
     names = names or [f"obs_{i}" for i in range(obs_dim)]
     if len(names) != obs_dim:
         raise UnsupportedEnvError(f"env.observation_names has {len(names)} names; the observation "
