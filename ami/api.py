@@ -43,10 +43,12 @@ def env_overrides(env: str | gym.Env | Callable[[], gym.Env]) -> list[str]:
     `gym` preset; an env object (copied for each environment ami makes) or a function making one, registered with
     gymnasium under an id of its own for this process."""
     if isinstance(env, str):
-        if is_preset_file(env) or env in available("env"):
+        if env in available("env"):
             return [f"env={env}"]
-        if env in gym.registry or ":" in env:
+        if env in gym.registry or (":" in env and not is_preset_file(env)):  # ami/HazardNav-v0 is an id
             return ["env=gym", f"env.id={env}"]
+        if is_preset_file(env):
+            return [f"env={env}"]
         raise ConfigError(f"env={env!r}: expected a preset ({available('env')}), a YAML file, a registered "
                           "gymnasium id, an env or a function making one")
     if isinstance(env, gym.Env):

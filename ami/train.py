@@ -260,7 +260,7 @@ class Trainer:
         the frozen encoder's latents, then the goal critic."""
         rf = self.cfg.reward_free
         self.collect_dataset(bar)
-        figures = reward_free.Figures(self.cfg, self.agent, self.logger)
+        latent_figures = reward_free.Figures(self.cfg, self.agent, self.logger)
         bar.unit = "update"
         stats: dict = {}
         while self.learner.updates < rf.updates + rf.predictor_updates + rf.critic_updates:
@@ -279,13 +279,13 @@ class Trainer:
             if updates % rf.log_every == 0 or done:
                 self.logger.scalars(stats, updates)
                 self.logger.scalar("charts/updates_per_s", self._current_rate(), updates)
-                health = figures.log_health(updates)
+                health = latent_figures.log_health(updates)
                 loss = next((f"{v:.3f}" for k, v in stats.items() if k.endswith("_loss") and v is not None), "")
                 bar.set_postfix(loss=loss, **{k: f"{v:.2f}" for k, v in health.items()})
                 self.health = health
             if updates % rf.picture_every == 0 or done:
                 with self.agent.fresh_episodes():
-                    figures.log_picture(updates)
+                    latent_figures.log_picture(updates)
             if updates % rf.checkpoint_every == 0:
                 self.save()
 

@@ -109,6 +109,15 @@ def test_an_env_object_and_a_function_making_one(tmp_path):
     by_function.close()
 
 
+def test_env_strings_select_presets_files_and_gymnasium_ids():
+    from ami.api import env_overrides
+
+    assert env_overrides("pendulum") == ["env=pendulum"]
+    assert env_overrides("./my_env.yaml") == ["env=./my_env.yaml"]
+    assert env_overrides("ami/HazardNav-v0") == ["env=gym", "env.id=ami/HazardNav-v0"]
+    assert env_overrides("my_package.my_module:MyEnv-v0") == ["env=gym", "env.id=my_package.my_module:MyEnv-v0"]
+
+
 def test_bad_input_names_what_was_expected(tmp_path, model):
     with pytest.raises(ConfigError, match="env='no_such_env'"):
         AMI(env="no_such_env", agent="tiny", overrides=[f"runs_dir={tmp_path}"])
