@@ -71,9 +71,24 @@ class AMI:
                  overrides: Sequence[str] = (), progress: bool = False) -> None:
         cfg = load_config([*env_overrides(env), f"agent={agent}", f"progress={str(progress).lower()}",
                            *overrides])
-        self._trainer: Trainer | None = Trainer(cfg, new_run_dir(cfg))
-        self._agent, self.cfg = self._trainer.agent, cfg
-        self._trained_steps = 0
+        self._attach(Trainer(cfg, new_run_dir(cfg)))
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False) -> AMI:
+        """A run of a resolved configuration (ami.config.load_config), in run_dir (default: a new one under
+        cfg.runs_dir); resume=True takes it on from its latest checkpoint. `ami train` starts here."""
+        model = cls.__new__(cls)
+        model._attach(Trainer(cfg, new_run_dir(cfg) if run_dir is None else run_dir, resume=resume))
+        return model
+
+    def _attach(self, trainer: Trainer) -> None:
+        self._trainer: Trainer | None = trainer
+        self._agent, self.cfg, self._trained_steps = trainer.agent, trainer.cfg, 0
+
+    @property
+    def trainer(self) -> Trainer | None:
+        """The run's Trainer (None for an agent loaded alone, until it learns)."""
+        return self._trainer
 
     # -- training ------------------------------------------------------------------------------------------
     def learn(self, steps: int, callback: Callback | Callable | None = None) -> AMI:
@@ -84,6 +99,13 @@ class AMI:
         trainer = self._trainer if self._trainer is not None else self._trainer_for_loaded_agent()
         trainer.train(until=trainer.loop.env_steps + steps, callback=callback, close=False)
         return self
+
+    def train(self, callback: Callback | Callable | None = None) -> dict[str, float]:
+        """Run the configured schedule to its end (train.total_steps, or a reward-free run's phases), as `ami
+        train` does, and close the run -> its summary (env steps, updates, last return, seconds)."""
+        if self._trainer is None:
+            self._trainer_for_loaded_agent()
+        return self._trainer.train(callback=callback)
 
     @property
     def env_steps(self) -> int:
@@ -184,10 +206,7 @@ class AMI:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir}: no config.yaml there; expected an ami run directory")
         cfg = load_saved(run_dir / "config.yaml", [f"progress={str(progress).lower()}", *overrides])
-        model = cls.__new__(cls)
-        model._trainer = Trainer(cfg, run_dir, resume=True)
-        model._agent, model.cfg, model._trained_steps = model._trainer.agent, cfg, 0
-        return model
+        return cls.from_config(cfg, run_dir, resume=True)
 
     def _trainer_for_loaded_agent(self) -> Trainer:
         """learn() on a loaded agent: a new run whose agent starts from the loaded one's modules."""

@@ -155,7 +155,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ami.train import Trainer, new_run_dir
+    from ami.api import AMI
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     if args.resume:
@@ -164,12 +164,12 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; expected an ami run directory")
         cfg = load_saved(run_dir / "config.yaml", overrides)
     else:
-        cfg = load_config(overrides)
-        run_dir = new_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+        cfg, run_dir = load_config(overrides), None
+    model = AMI.from_config(cfg, run_dir, resume=bool(args.resume))
+    trainer, run_dir = model.trainer, model.run_dir
     print(describe(trainer))
     print(f"run directory: {run_dir}" + (f" (resuming at {trainer.position()})" if args.resume else ""))
-    result = trainer.train()
+    result = model.train()
     print(f"done: {result['step']} env steps, {result['updates']} updates in {result['train_seconds']:.0f} s; "
           f"checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
     if cfg.reward_free.enabled:

@@ -109,6 +109,15 @@ def test_an_env_object_and_a_function_making_one(tmp_path):
     by_function.close()
 
 
+def test_from_config_runs_the_configured_schedule(tmp_path):
+    from ami.config import load_config
+
+    model = AMI.from_config(load_config(["agent=tiny", *SMALL, "train.total_steps=120", f"runs_dir={tmp_path}",
+                                         "progress=false"]))
+    result = model.train()
+    assert result["step"] == model.env_steps == 120 and model.run_dir.parent == tmp_path
+
+
 def test_env_strings_select_presets_files_and_gymnasium_ids():
     from ami.api import env_overrides
 
