@@ -84,6 +84,7 @@ class AMI:
     def _attach(self, trainer: Trainer) -> None:
         self._trainer: Trainer | None = trainer
         self._agent, self.cfg, self._trained_steps = trainer.agent, trainer.cfg, 0
+        self._interface: gym.Env | None = None  # an env as ami makes it, for predict's wrappers
 
     @property
     def trainer(self) -> Trainer | None:
@@ -124,7 +125,7 @@ class AMI:
         """Close the training envs and the TensorBoard writer (learn() after this starts neither again)."""
         if self._trainer is not None:
             self._trainer.close()
-        if getattr(self, "_interface", None) is not None:
+        if self._interface is not None:
             self._interface.close()
             self._interface = None
 
@@ -156,7 +157,7 @@ class AMI:
 
     def _wrappers(self) -> list[gym.Wrapper]:
         """The wrappers of an env as ami makes it, outermost first (made once, never stepped)."""
-        if getattr(self, "_interface", None) is None:
+        if self._interface is None:
             self._interface = make_env(self.cfg.env)
         chain, env = [], self._interface
         while isinstance(env, gym.Wrapper):
@@ -190,7 +191,7 @@ class AMI:
         extra = [o for o in env_overrides(env) if not o.startswith("env=")] if env is not None else []
         cfg = _from_container(OmegaConf.create(state["config"]), [*extra, *overrides])
         model = cls.__new__(cls)
-        model.cfg, model._trainer = cfg, None
+        model.cfg, model._trainer, model._interface = cfg, None, None
         model._trained_steps, model._updates, model._state = int(state["env_steps"]), state["learner"]["updates"], state
         loop = EnvLoop(make_vector_env(cfg.env, 1), cfg.env.nonfinite)
         acting = OmegaConf.merge(cfg, {"agent": {"memory": {"capacity": 1}}})  # it acts; it does not remember
