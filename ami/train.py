@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -167,6 +169,9 @@ class Trainer:
                    unit="update" if self.cfg.reward_free.enabled and self.learner.updates else "step")
         self.start_time, self.start_progress = time.perf_counter(), self._progress()
         self._last_rate = (self.start_time, self.start_progress, self.eval_seconds)
+        self._stop_requested = False
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._request_stop) if main_thread else None
         try:
             if self.cfg.reward_free.enabled:
                 self._reward_free(bar)
@@ -178,11 +183,24 @@ class Trainer:
             tqdm.write(f"interrupted at {self.position()}; resume with: ami train --resume {self.run_dir}")
             raise
         finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
             bar.close()
             if close:
                 self.close()
         return {"step": self.loop.env_steps, "updates": self.learner.updates, "last_return": self.last_return,
                 "train_seconds": time.perf_counter() - self.start_time, **self.health}
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        """Ctrl-C: stop after the current step, between updates, so the checkpoint is whole (raised from deep in
+        torch's C++ calls, a KeyboardInterrupt can also be lost). A second Ctrl-C stops at once."""
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def _check_stop(self) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
 
     def close(self) -> None:
         self.logger.close()
@@ -207,6 +225,7 @@ class Trainer:
         train = self.cfg.train
         stop = False
         while self.loop.env_steps < self.until and not stop:
+            self._check_stop()
             before = self.loop.env_steps
             step = self.env_step(random=before < train.seed_steps)
             after = self.loop.env_steps
@@ -242,6 +261,7 @@ class Trainer:
         stretch ended with its last observation; checkpointed once complete."""
         rf, memory = self.cfg.reward_free, self.agent.memory
         while len(memory) < rf.transitions:
+            self._check_stop()
             before = self.loop.env_steps
             if memory.rows_left < 3:  # a transition, an episode's final frame, the last stretch's end
                 raise ConfigError(f"agent.memory.capacity={self.cfg.agent.memory.capacity} is full after "
@@ -264,6 +284,7 @@ class Trainer:
         bar.unit = "update"
         stats: dict = {}
         while self.learner.updates < rf.updates + rf.predictor_updates + rf.critic_updates:
+            self._check_stop()
             if self.learner.updates < rf.updates:
                 stats = self.learner.update()
             else:
