@@ -51,15 +51,16 @@ def prediction_against_memory(agent: Agent, horizon: int, seed: int) -> tuple[np
 
 def _plot(real: np.ndarray, imagined: np.ndarray, names: list[str]) -> np.ndarray:
     """real: (T, Q), imagined: (H + 1, Q) -> an RGB image of one panel per quantity."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    # A Figure on its own Agg canvas: no display, and the user's pyplot backend (a notebook's) left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panels = min(len(names), MAX_PANELS)
     columns = min(panels, 4)
     rows = -(-panels // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False, dpi=80)
+    figure = Figure(figsize=(3.2 * columns, 2.4 * rows), dpi=80)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False)
     for index, axis in enumerate(axes.flat):
         if index >= panels:
             axis.axis("off")
@@ -72,9 +73,7 @@ def _plot(real: np.ndarray, imagined: np.ndarray, names: list[str]) -> np.ndarra
     figure.supxlabel("steps, open-loop from the first", fontsize=8)
     figure.tight_layout()
     figure.canvas.draw()
-    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return image
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
 def render_episode(agent: Agent, env_config: EnvConfig, seed: int, generator: torch.Generator
