@@ -105,6 +105,7 @@ class Trainer:
         self.eval_seconds = 0.0  # this process's time in evaluations
         self.mode1_steps = 0  # this process's env steps on which Mode-1 acted alone
         self.last_return = float("nan")
+        self._stop_requested = False  # Ctrl-C while training (train() listens for it)
         if resume:
             self.load()
             runlog.drop_rows_after(self.run_dir, self.loop.env_steps)
