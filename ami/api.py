@@ -26,13 +26,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ami.agent import Agent
-from ami.build import resolve_device
 from ami.checkpoint import SCHEMA_VERSION, CheckpointError
 from ami.config import ConfigError, available, is_preset_file, load_config, load_saved
-from ami.envs import make_env, make_vector_env
+from ami.envs import make_env
 from ami.evaluate import EVAL_SEED, EvalResult, evaluate
-from ami.loop import EnvLoop
-from ami.runs import agent_state, build_run_agent, load_agent_state
+from ami.runs import acting_agent, agent_state, load_agent_state, run_config
 from ami.train import Callback, Trainer, new_run_dir
 
 _user_envs = itertools.count()
@@ -189,24 +187,17 @@ class AMI:
             raise ConfigError(f"AMI.load(env={env!r}): the agent keeps the env preset it was trained with; pass a "
                               "gymnasium id, an env or a function making one")
         extra = [o for o in env_overrides(env) if not o.startswith("env=")] if env is not None else []
-        cfg = _from_container(OmegaConf.create(state["config"]), [*extra, *overrides])
+        cfg = load_saved(OmegaConf.create(state["config"]), [*extra, *overrides])
         model = cls.__new__(cls)
         model.cfg, model._trainer, model._interface = cfg, None, None
         model._trained_steps, model._updates, model._state = int(state["env_steps"]), state["learner"]["updates"], state
-        loop = EnvLoop(make_vector_env(cfg.env, 1), cfg.env.nonfinite)
-        acting = OmegaConf.merge(cfg, {"agent": {"memory": {"capacity": 1}}})  # it acts; it does not remember
-        model._agent = build_run_agent(acting, loop, resolve_device(cfg.device))
-        loop.envs.close()
-        load_agent_state(model._agent, state, Path(path), cfg)
+        model._agent = acting_agent(cfg, state, Path(path))
         return model
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), progress: bool = False) -> AMI:
         """A whole run from its latest checkpoint (memory, optimisers, counters, RNGs), as `ami train --resume`."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir}: no config.yaml there; expected an ami run directory")
-        cfg = load_saved(run_dir / "config.yaml", [f"progress={str(progress).lower()}", *overrides])
+        cfg = run_config(run_dir, [f"progress={str(progress).lower()}", *overrides])
         return cls.from_config(cfg, run_dir, resume=True)
 
     def _trainer_for_loaded_agent(self) -> Trainer:
@@ -216,11 +207,3 @@ class AMI:
         self._trainer, self._agent = trainer, trainer.agent
         return trainer
 
-
-def _from_container(saved: DictConfig, overrides: list[str]) -> DictConfig:
-    from ami.config import RunConfig, validate
-
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), saved, OmegaConf.from_dotlist(overrides))
-    validate(cfg)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ami import __version__
 from ami.checkpoint import CheckpointError
-from ami.config import ConfigError, available, load_config, load_saved
+from ami.config import ConfigError, available, load_config
 from ami.envs import UnsupportedEnvError
 from ami.learner import NonFiniteLossError
 from ami.loop import NonFiniteError
@@ -156,13 +156,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from ami.api import AMI
+    from ami.runs import run_config
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there; expected an ami run directory")
-        cfg = load_saved(run_dir / "config.yaml", overrides)
+        cfg = run_config(run_dir, overrides)
     else:
         cfg, run_dir = load_config(overrides), None
     model = AMI.from_config(cfg, run_dir, resume=bool(args.resume))

@@ -365,9 +365,10 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
-def load_saved(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """Read a run's saved config.yaml back into the schema (with optional overrides)."""
-    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.load(path),
+def load_saved(saved: str | Path | DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """A run's saved config (its config.yaml, or the config a checkpoint holds) back in the schema, with optional
+    overrides."""
+    cfg = _merge(OmegaConf.structured(RunConfig), saved if isinstance(saved, DictConfig) else OmegaConf.load(saved),
                  OmegaConf.from_dotlist(list(overrides or [])))
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)

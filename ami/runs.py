@@ -64,19 +64,30 @@ def load_agent_state(agent: Agent, state: dict, path: Path, cfg: DictConfig) -> 
     agent.world_model_trained = state["learner"]["updates"] > 0
 
 
-def load_agent(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Agent, DictConfig, int]:
-    """A trained run's agent, read-only (ami eval, ami bench goals): its saved configuration with overrides on
-    top, its modules from the newest readable checkpoint (guardrails checked) -> (agent, config, env steps)."""
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """A run directory's saved configuration with overrides on top; ConfigError when it is not a run."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: no config.yaml there; expected an ami run directory")
-    cfg = load_saved(run_dir / "config.yaml", ["progress=false", *(overrides or [])])
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    return load_saved(run_dir / "config.yaml", overrides)
+
+
+def acting_agent(cfg: DictConfig, state: dict, path: Path) -> Agent:
+    """An agent that acts and does not train (one env, a memory of one row), with the modules of `state` (a
+    checkpoint or a saved agent, read from `path`), guardrails and shield checked."""
     loop = EnvLoop(make_vector_env(cfg.env, 1), cfg.env.nonfinite)
-    state, path = load_checkpoint(run_dir)
     agent = build_run_agent(OmegaConf.merge(cfg, {"agent": {"memory": {"capacity": 1}}, "train": {"num_envs": 1}}),
                             loop, resolve_device(cfg.device))
     loop.envs.close()
     load_agent_state(agent, state, path, cfg)
-    return agent, cfg, int(state["loop"]["env_steps"])
+    return agent
+
+
+def load_agent(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Agent, DictConfig, int]:
+    """A trained run's agent, read-only (ami eval, ami bench goals): its saved configuration with overrides on
+    top, its modules from the newest readable checkpoint (guardrails checked) -> (agent, config, env steps)."""
+    cfg = run_config(run_dir, ["progress=false", *(overrides or [])])
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    state, path = load_checkpoint(run_dir)
+    return acting_agent(cfg, state, path), cfg, int(state["loop"]["env_steps"])
