@@ -16,7 +16,7 @@ from modules.cost import Cost
 from modules.memory import EpisodeTrail, ShortTermMemory
 from modules.nn import Repairs
 from modules.perception import ImagePerception, Perception
-from modules.shield import Shield
+from modules.shield import ModelTrust, Shield
 from modules.world_model import WorldModel
 
 
@@ -27,9 +27,10 @@ class Agent:
     def __init__(self, perception: Perception | ImagePerception, world_model: WorldModel, cost: Cost,
                  memory: ShortTermMemory, actor: Actor, configurator: Configurator, shield: Shield,
                  device: torch.device, exploration_std: float = 0.0, trail: EpisodeTrail | None = None,
-                 repairs: Repairs | None = None) -> None:
+                 repairs: Repairs | None = None, trust: ModelTrust | None = None) -> None:
         """trail: the short-term memory of this episode's latents, kept when the cost has a boredom term.
-        repairs: where every module counts the values it mends (shared with the actor and its planner)."""
+        repairs: where every module counts the values it mends (shared with the actor and its planner).
+        trust: the world model's measured error on fresh transitions, which decides when the shield checks it."""
         self.perception = perception
         self.world_model = world_model
         self.cost = cost
@@ -41,9 +42,15 @@ class Agent:
         self.exploration_std = exploration_std
         self.trail = trail
         self.repairs = repairs or Repairs()
-        # The world model's predictions are checked only once it has learned something; until then
-        # the shield rests on the ego model alone. The learner turns this on with its first update.
+        self.trust = trust or ModelTrust(1)
+        # The world model's predictions are checked only once it has learned something (and, with a trust bound,
+        # once its error on fresh transitions is below it); until then the shield rests on the ego model and the
+        # real observation. The learner turns this on with its first update.
         self.world_model_trained = False
+        self.recovery: torch.Tensor | None = None  # (N, B, A) the shield's recovery from each env's next state
+        names = list(world_model.observation_names)
+        self.guardrail_index = torch.tensor([names.index(n) for n in shield.intrinsic_cost.guardrail_quantities],
+                                            dtype=torch.long)  # (Q',) where the guardrails read the observation
 
     # -- one step of the cycle ------------------------------------------------------------------------------
     def act(self, obs: Any, explore: bool = False, random: bool = False,
@@ -57,10 +64,26 @@ class Agent:
         plan = self.actor.act(percept, task, generator)
         self.configurator.report(plan)
         proposed = self._first_action(plan, explore, generator)
-        decision = self.shield.filter(percept.observation, proposed,
-                                      percept.state if self.world_model_trained else None,
-                                      self._alternatives(plan), percept.readout_offset)
-        return Action(decision.actions.cpu().numpy(), percept, task, plan, decision)
+        trusted = self.shield.trusts(self.trust, self.world_model_trained)
+        warm = self.recovery if trusted and self.recovery is not None \
+            and self.recovery.shape[1] == proposed.shape[0] else None
+        decision = self.shield.filter(percept.observation, proposed, percept.state if trusted else None,
+                                      self._alternatives(plan), percept.readout_offset, warm, generator,
+                                      self.trust.quantile(0.9) if trusted and self.shield.error_band else 0.0)
+        self.recovery = decision.recovery if trusted else None
+        return Action(decision.actions.cpu().numpy(), percept, task, plan, decision,
+                      self._predict_guarded(percept, decision.actions))
+
+    @torch.no_grad()
+    def _predict_guarded(self, percept: Percept, actions: torch.Tensor) -> torch.Tensor | None:
+        """(B, Q') the world model's first member's guardrail quantities after actions: (B, A); None before it has
+        trained, without guardrail quantities or with the shield off."""
+        if not (self.world_model_trained and self.shield.active and len(self.guardrail_index)):
+            return None
+        quantities = self.world_model.readout(self.world_model.step(percept.state, actions.to(percept.state.dtype)))
+        if percept.readout_offset is not None:
+            quantities = quantities + percept.readout_offset
+        return quantities[:, self.guardrail_index.to(quantities.device)].cpu()
 
     def perceive(self, obs: Any, with_goal: bool = True) -> Percept:
         """obs: (B, obs_dim) vectors, (B, H, W, C) images, or a dict of "image" with an optional "goal" image and
@@ -121,6 +144,10 @@ class Agent:
         action = torch.as_tensor(step.action.actions, dtype=torch.float32)
         reward = torch.as_tensor(step.reward, dtype=torch.float32)
         terms = self.cost.intrinsic.real_terms(quantities, action, reward, step.info)
+        predicted = step.action.predicted
+        if predicted is not None and valid.any():  # a transition no model has trained on yet: held out, for now
+            real_next = (next_vector if next_vector is not None else next_obs)[:, self.guardrail_index]
+            self.trust.record((predicted - real_next.float()).abs().amax(-1)[valid])
         if quantities.shape[-1] and valid.any():
             self.perception.normalizer.update(quantities[valid])
         percept, plan = step.action.percept, step.action.plan
@@ -140,6 +167,9 @@ class Agent:
         done = None if done is None else torch.as_tensor(done)
         self.actor.reset(done)
         self.configurator.reset(done)
+        if self.recovery is not None:
+            self.recovery = None if done is None else torch.where(done.to(self.recovery.device)[None, :, None],
+                                                                  0.0, self.recovery)
         if self.trail is not None:
             self.trail.reset(done)
 
@@ -147,14 +177,15 @@ class Agent:
     def fresh_episodes(self) -> Iterator[None]:
         """Act in episodes of their own (evaluation beside a training episode): no warm start, held plan, trail
         or stall count of the training episodes, which get theirs back afterwards, untouched."""
-        saved = self.actor.episodes, self.configurator.state, self.trail
+        saved = self.actor.episodes, self.configurator.state, self.trail, self.recovery
         self.actor.episodes = ActorEpisodes()
         self.configurator.state = self.configurator.state.fresh_episodes()
         self.trail = None if self.trail is None else self.trail.fresh()
+        self.recovery = None
         try:
             yield
         finally:
-            self.actor.episodes, self.configurator.state, self.trail = saved
+            self.actor.episodes, self.configurator.state, self.trail, self.recovery = saved
 
 
 def storable_observation(obs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,7 +14,7 @@ from modules.memory import EpisodeTrail, ShortTermMemory
 from modules.nn import Repairs
 from modules.perception import ImagePerception, Perception
 from modules.planners import GradientPlanner, MPPIPlanner
-from modules.shield import Shield
+from modules.shield import ModelTrust, Shield
 from modules.world_model import WorldModel
 
 
@@ -84,7 +84,7 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
     trail = EpisodeTrail(config.memory.trail_capacity, latent_dim, config.memory.trail_every) \
         if config.cost.boredom_weight else None
     return Agent(perception, world_model, cost, memory, actor, configurator, shield, device,
-                 config.actor.exploration_std, trail, repairs)
+                 config.actor.exploration_std, trail, repairs, ModelTrust(config.shield.trust_window))
 
 
 def parameter_counts(agent: Agent) -> dict[str, int]:

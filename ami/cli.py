@@ -191,9 +191,24 @@ def describe(trainer: Trainer) -> str:
     shield = trainer.agent.shield
     if shield.active:
         checks = ["ego model " + trainer.cfg.agent.shield.ego.kind] if shield.ego is not None else []
-        checks += ["world model (once trained)"] if shield.check_world_model else []
+        trusted = f"once its error on fresh transitions is below {shield.trust_error:g}" if shield.trust_error \
+            else "once trained"
+        if shield.check_world_model and shield.recovery_horizon:
+            checks += [f"world model ({trainer.agent.world_model.ensemble_size} member(s), {trusted}): a recovery "
+                       f"for {shield.recovery_horizon} steps after each action"]
+        elif shield.check_world_model:
+            checks += [f"world model ({trusted}): the next state"]
+        checks += ["the real observation"]
+        fallback = "the recovery plan's first action" if shield.recovery_horizon else shield.fallback_kind
         guard = (f"shield: on, guardrails {sorted(trainer.agent.cost.intrinsic.guardrail_names)}, checked by "
-                 f"{' and '.join(checks) or 'nothing'}, fallback {shield.fallback_kind}")
+                 f"{' and '.join(checks)}, fallback {fallback}")
+        if shield.ego is None:
+            before = [f"actions shrink within {shield.caution:g} of a guardrail's bound"] if shield.caution else []
+            before += [f"recovery action {list(shield.recovery_action)} near or past it"] if shield.recovery_action \
+                else []
+            guard += ("\n  no ego model: until the world model is trusted (the seed phase included) nothing predicts "
+                      "where an action leads; " + ("; ".join(before) if before else
+                                                   "the guardrails are only read on the real observation"))
     else:
         guard = "shield: off" + ("" if trainer.agent.cost.intrinsic.guardrail_names else " (no guardrail terms)")
     cfg = trainer.cfg

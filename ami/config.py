@@ -38,6 +38,9 @@ class EnvConfig:
     # A non-finite observation or reward from the env: "error" stops the run with one line naming the env, the
     # step and the field; "skip" drops that transition (counted in charts/nonfinite_dropped) and goes on.
     nonfinite: str = "error"
+    # info["cost"] = 1.0 on the step an episode terminates, for an env whose only failure is its termination (a
+    # walker that falls): the ground-truth cost `ami bench safety` counts. An env's own info["cost"] is kept.
+    cost_from_termination: bool = False
 
 
 @dataclass
@@ -82,6 +85,8 @@ class WorldModelConfig:
     temporal_variance_weight: float = 0.0
     temporal_std_target: float = 0.2
     grad_clip: float = 10.0
+    # Predictors of the next latent: the planner uses the first, the shield checks the worst of them all.
+    ensemble_size: int = 1
 
 
 @dataclass
@@ -229,6 +234,27 @@ class ShieldConfig:
     # Add the ego model's guardrail cost of each plan's first action to the plan energy.
     guide_planner: bool = True
     ego: EgoModelConfig = field(default_factory=EgoModelConfig)
+    # Look ahead: an action passes only if, after it, every ensemble member of the world model predicts a
+    # recovery that keeps every guardrail for recovery_horizon steps; the fallback is the recovery plan's first
+    # action. 0: the next state alone is checked.
+    recovery_horizon: int = 0
+    recovery_iterations: int = 5  # Adam steps on the recovery sequences, on the guardrail cost alone
+    recovery_lr: float = 0.3
+    recovery_candidates: int = 4  # free recovery sequences per env: the warm start, then constant random levels
+    checked_alternatives: int = 3  # the planner's best other first actions checked when the proposal fails
+    # The world model is checked once its mean error on fresh real transitions (each scored before it is trained
+    # on), over the guardrail quantities in the observation's units, is below trust_error; 0: after its first
+    # update. trust_window: how many recent transitions that mean is over.
+    trust_error: float = 0.0
+    trust_window: int = 200
+    # The look-ahead's step t (1..N) must also keep error_band * t times the model's measured error (the 90th
+    # percentile over the trust window) inside each bound: a tube around the prediction as wide as the model has
+    # been wrong, growing with the steps looked ahead. 0: the prediction alone.
+    error_band: float = 0.0
+    # Until the model is trusted: within `caution` of a guardrail's bound (its slack, in the quantity's units, on
+    # the real observation) actions shrink in proportion; within half of it the recovery action is sent.
+    caution: float = 0.0
+    recovery_action: list[float] = field(default_factory=list)  # a declared safe action; [] for none
 
 
 @dataclass
@@ -432,8 +458,15 @@ def validate(cfg: DictConfig) -> None:
     if a.shield.fallback == "brake" and a.shield.ego.kind == "none":
         raise ConfigError("agent.shield.fallback='brake' needs an ego model that knows how to stop; "
                           "set agent.shield.ego.kind (e.g. point_mass) or use fallback=zero")
-    if a.shield.tolerance < 0:
-        raise ConfigError(f"agent.shield.tolerance={a.shield.tolerance!r}: expected a number >= 0")
+    for key in ("tolerance", "recovery_horizon", "trust_error", "caution", "checked_alternatives", "error_band"):
+        if a.shield[key] < 0:
+            raise ConfigError(f"agent.shield.{key}={a.shield[key]!r}: expected a number >= 0")
+    if a.shield.recovery_horizon:
+        for key in ("recovery_iterations", "recovery_lr", "recovery_candidates"):
+            _positive(f"agent.shield.{key}", a.shield[key])
+    if any(not -1 <= value <= 1 for value in a.shield.recovery_action):
+        raise ConfigError(f"agent.shield.recovery_action={list(a.shield.recovery_action)}: expected actions in "
+                          "[-1, 1] (the env's bounds are mapped there)")
     for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates",
                 "agent.cost.boredom_weight"):
         if OmegaConf.select(cfg, key) < 0:
@@ -450,7 +483,8 @@ def validate(cfg: DictConfig) -> None:
                 "reward_free.predictor_batch_size", "reward_free.predictor_horizon",
                 "reward_free.critic_batch_size",
                 "reward_free.log_every", "reward_free.picture_every", "reward_free.checkpoint_every",
-                "reward_free.probe_frames", "env.image_size", "env.frame_stack"):
+                "reward_free.probe_frames", "env.image_size", "env.frame_stack", "agent.world_model.ensemble_size",
+                "agent.shield.trust_window"):
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:
         raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")

@@ -55,7 +55,7 @@ class Learner:
         self.optimisers: dict[str, torch.optim.Optimizer] = {
             "world_model": torch.optim.Adam([*agent.perception.encoder.parameters(),
                                              *agent.world_model.parameters()], lr=lr),
-            "predictor": torch.optim.Adam(agent.world_model.predictor.parameters(), lr=lr),
+            "predictor": torch.optim.Adam(agent.world_model.predictor_parameters(), lr=lr),
             "critic": torch.optim.Adam([p for p in agent.cost.critic.parameters() if p.requires_grad],
                                        lr=config.cost.critic_lr),
             "policy": torch.optim.Adam(agent.actor.policy.parameters(), lr=config.actor.policy_lr)}

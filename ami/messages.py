@@ -85,6 +85,10 @@ class ShieldDecision:
     was replaced; fallback: (B,) by the declared fallback (no candidate passed the ego model).
     proposed_cost: (B,) guardrail cost of the proposed action's predicted next state.
     ego_rejected, world_model_rejected: (B,) which prediction of the proposed action broke a guardrail.
+    breach: (B,) a guardrail was already broken on the real observation; caution: (B,) the model was not
+    trusted and the action was shrunk or replaced near a guardrail (None where not checked).
+    recovery: (N, B, A) the look-ahead's recovery from the next state (the next step's warm start), and
+    recovery_cost: (B,) the largest guardrail cost its best recovery from this state predicts; None without one.
     """
 
     actions: torch.Tensor
@@ -93,6 +97,10 @@ class ShieldDecision:
     proposed_cost: torch.Tensor
     ego_rejected: torch.Tensor
     world_model_rejected: torch.Tensor
+    breach: torch.Tensor | None = None
+    caution: torch.Tensor | None = None
+    recovery: torch.Tensor | None = None
+    recovery_cost: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,9 @@ class Action:
     """What a policy sends to a batch of environments, and, for ami's agent, why.
 
     actions: (B, A) in [-1, 1], on the CPU: what the env loop steps with. The messages are None for a policy
-    that is not an ami agent (a peer, a random policy).
+    that is not an ami agent (a peer, a random policy). predicted: what the world model expects the guardrail
+    quantities to read next, scored against the real next observation (the shield's trust); None before it
+    has trained or without guardrails.
     """
 
     actions: np.ndarray
@@ -108,6 +118,7 @@ class Action:
     task: Task | None = None
     plan: Plan | None = None
     decision: ShieldDecision | None = None
+    predicted: torch.Tensor | None = None  # (B, Q) the world model's next observation quantities after `actions`
 
 
 @dataclass(frozen=True)

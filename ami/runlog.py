@@ -88,6 +88,17 @@ class EpisodeLog:
             window["safety/ego_rejection_rate"].append(float(decision.ego_rejected.cpu().numpy()[real].mean()))
             window["safety/world_model_rejection_rate"].append(
                 float(decision.world_model_rejected.cpu().numpy()[real].mean()))
+            # A guardrail already broken on the real observation; the model not trusted and the action shrunk or
+            # replaced near a guardrail; whether the shield checks the world model, and its error on fresh data.
+            for name, flags in (("breach_rate", decision.breach), ("caution_rate", decision.caution)):
+                if flags is not None:
+                    window[f"safety/{name}"].append(float(flags.cpu().numpy()[real].mean()))
+            agent = self.agent
+            if agent.shield.active:
+                window["safety/model_trusted"].append(float(agent.shield.trusts(agent.trust,
+                                                                                agent.world_model_trained)))
+                if np.isfinite(agent.trust.error):
+                    window["safety/model_error"].append(agent.trust.error)
         if step.finished:
             self._end(step, env_step)
 

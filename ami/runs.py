@@ -37,7 +37,7 @@ def agent_state(agent: Agent) -> dict:
         modules["goal_critic"] = agent.cost.goal_critic.state_dict()
     state = agent.configurator.state
     return {"guardrails": [term for term in intrinsic.describe() if term[3]], "intrinsic_cost": intrinsic.describe(),
-            "shield": agent.shield.describe(), "modules": modules,
+            "shield": agent.shield.describe(), "modules": modules, "shield_trust": agent.trust.state_dict(),
             "configurator": {"weights": agent.configurator.weights, "mode1_acting": state.mode1_acting,
                              "gap": state.gap, "steps_since_audit": state.steps_since_audit}}
 
@@ -62,6 +62,8 @@ def load_agent_state(agent: Agent, state: dict, path: Path, cfg: DictConfig) -> 
     switch.mode1_acting, switch.gap = configurator["mode1_acting"], configurator["gap"]
     switch.steps_since_audit = configurator["steps_since_audit"]
     agent.world_model_trained = state["learner"]["updates"] > 0
+    if "shield_trust" in state:
+        agent.trust.load_state_dict(state["shield_trust"])
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> DictConfig:

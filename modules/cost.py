@@ -112,6 +112,14 @@ FORMULAS: dict[str, AnalyticFormula] = {
     "norm_bound": _norm_bound,
 }
 
+# How far a quantity stands inside a guardrail formula's bound, in the quantity's own units (negative past it):
+# what lets a guardrail be read on a real observation before any model of the world exists.
+SLACK: dict[str, AnalyticFormula] = {
+    "clearance": lambda q, a, p: torch.stack([q[n] for n in p["quantities"]], dim=-1).amin(-1) - float(p["margin"]),
+    "abs_bound": lambda q, a, p: float(p["limit"]) - q[p["quantity"]].abs(),
+    "norm_bound": lambda q, a, p: float(p["limit"]) - (sum(q[n].pow(2) for n in p["quantities"]) + 1e-12).sqrt(),
+}
+
 # Measured formulas, on real transitions only: (reward (B,), info, params) -> (B,), where info maps a key to
 # each environment's value (B,) (ami.loop.step_info: 0 where an environment did not report it).
 MeasuredFormula = Callable[[torch.Tensor, Mapping[str, Any], Mapping[str, Any]], torch.Tensor]
@@ -234,9 +242,33 @@ class IntrinsicCost:
         mask = torch.tensor([float(n in self._guardrails) for n in self._names], device=terms.device)
         return (terms * mask).sum(-1)
 
-    def guardrail_cost(self, quantities: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """(...,) guardrail terms weighted by their fixed weights: how the shield ranks actions."""
+    @property
+    def guardrail_quantities(self) -> tuple[str, ...]:
+        """The observation quantities the guardrail terms read, in observation order."""
+        used = {n for _, _, _, g, p in self._terms if g
+                for n in ([p["quantity"]] if "quantity" in p else []) + list(p.get("quantities", ()))}
+        return tuple(n for n in self._quantity_names if n in used)
+
+    def guardrail_slack(self, quantities: torch.Tensor) -> torch.Tensor:
+        """quantities: (..., Q) -> (...,) the smallest slack over the guardrail terms (SLACK), in the quantities'
+        units: positive inside every bound, negative past one; +inf without a guardrail that has a slack."""
+        q = Quantities(quantities, self._quantity_names)
+        slack = [SLACK[f](q, quantities, p) for _, f, _, g, p in self._terms if g and f in SLACK]
+        if not slack:
+            return quantities.new_full(quantities.shape[:-1], float("inf"))
+        return torch.stack(slack, dim=-1).amin(-1)
+
+    def guardrail_cost(self, quantities: torch.Tensor, actions: torch.Tensor,
+                       band: torch.Tensor | float | None = None) -> torch.Tensor:
+        """(...,) guardrail terms weighted by their fixed weights: how the shield ranks actions. band: (...,) or a
+        number, a distance the quantities must also keep inside each bound that has a slack (SLACK): a term then
+        prices relu(band - slack)^2, which at band 0 is the term itself."""
         terms = self.analytic_terms(quantities, actions)
+        if band is not None:
+            q = Quantities(quantities, self._quantity_names)
+            banded = [torch.relu(band - SLACK[f](q, actions, p)).pow(2) if g and f in SLACK else terms[..., i]
+                      for i, (_, f, _, g, p) in enumerate(self._terms)]
+            terms = torch.stack(banded, dim=-1) if banded else terms
         weights = torch.tensor([self._weights[n] if n in self._guardrails else 0.0 for n in self._names],
                                device=terms.device, dtype=terms.dtype)
         return (terms * weights).sum(-1)

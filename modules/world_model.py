@@ -67,6 +67,10 @@ class WorldModel(nn.Module):
         self.action_dim = action_dim
         self.observation_names = list(observation_names)
         self.predictor = mlp(latent_dim + action_dim, config.hidden_dim, latent_dim)
+        # More predictors of the same step, differently initialised, trained on the same data: where they
+        # disagree the model does not know, and the shield checks the worst of them. The planner uses the first.
+        self.ensemble = nn.ModuleList(mlp(latent_dim + action_dim, config.hidden_dim, latent_dim)
+                                      for _ in range(config.ensemble_size - 1))
         with warnings.catch_warnings():  # an image observation names no quantities: an empty head, on purpose
             warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
             self.readout_head = mlp(latent_dim, config.hidden_dim, len(self.observation_names))
@@ -75,6 +79,20 @@ class WorldModel(nn.Module):
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """state: (B, D), action: (B, A) in [-1, 1] -> next state (B, D)."""
         return state + self.predictor(torch.cat([state, action], dim=-1))
+
+    @property
+    def ensemble_size(self) -> int:
+        return 1 + len(self.ensemble)
+
+    def predictor_parameters(self) -> list[nn.Parameter]:
+        """Every member's parameters: what a predictor-only update trains."""
+        return [*self.predictor.parameters(), *self.ensemble.parameters()]
+
+    def step_members(self, states: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """states: (E, B, D) one state per member, action: (B, A) -> (E, B, D), member e stepping states[e]."""
+        members = [self.predictor, *self.ensemble]
+        return torch.stack([state + member(torch.cat([state, action], dim=-1))
+                            for member, state in zip(members, states, strict=True)])
 
     def rollout(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """state: (B, D), actions: (H, B, A) -> states (H + 1, B, D), the first being `state`."""
@@ -99,12 +117,23 @@ class WorldModel(nn.Module):
     def prediction_loss(self, state: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """state: (B, D), actions: (K, B, A), targets: (K, B, D) -> (predicted states (K + 1, B, D), the
-        multi-step JEPA loss (scalar, step k weighted horizon_discount**k), its MSE by step (K,))."""
+        multi-step JEPA loss (scalar, step k weighted horizon_discount**k; every ensemble member's summed), the
+        first member's MSE by step (K,))."""
         predicted = self.rollout(state, actions)
         by_horizon = (predicted[1:] - targets).pow(2).mean(dim=(1, 2))
         weights = self.config.horizon_discount ** torch.arange(actions.shape[0], device=state.device,
                                                               dtype=torch.float32)
-        return predicted, (weights * by_horizon).sum() / weights.sum(), by_horizon
+        loss = (weights * by_horizon).sum() / weights.sum()
+        if self.ensemble:
+            # The other members learn the same rollouts from the same (detached) start: they shape no encoder.
+            members = state.detach()[None].expand(len(self.ensemble), -1, -1)
+            member_loss = 0.0
+            for k, action in enumerate(actions):
+                members = torch.stack([s + m(torch.cat([s, action], dim=-1)) for m, s in zip(self.ensemble, members,
+                                                                                               strict=True)])
+                member_loss = member_loss + weights[k] * (members - targets[k].detach()).pow(2).mean()
+            loss = loss + member_loss / weights.sum()
+        return predicted, loss, by_horizon
 
     def loss(self, perception: Perception | ImagePerception, obs: torch.Tensor, actions: torch.Tensor,
              vector: torch.Tensor | None = None) -> tuple[WorldModelLosses, torch.Tensor]:

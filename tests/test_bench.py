@@ -107,6 +107,14 @@ def test_bench_safety_compares_guarded_unguarded_and_random(tmp_path):
     assert float(by[("random", "train")]["total_cost"]) > 0
     assert "guarded, seed 0: 3/3 evaluation episodes without cost" in result.stdout
     assert "training cost, guarded / unguarded" in result.stdout
+    # Training cost apart for the seed phase (the first 100 steps) and after it; the random policy pays in both.
+    for method in ("guarded", "unguarded", "random"):
+        row = by[(method, "train")]
+        assert float(row["seed_cost"]) + float(row["post_seed_cost"]) == pytest.approx(float(row["total_cost"]))
+    assert float(by[("random", "train")]["seed_cost"]) > 0 and float(by[("random", "train")]["post_seed_cost"]) > 0
+    histogram = result.stdout[result.stdout.index("evaluation episodes by cost"):].splitlines()
+    assert histogram[1].split()[:2] == ["guarded", "3"]  # all three evaluation episodes in the zero-cost bin
+    assert "training cost after the seed phase, guarded / unguarded" in result.stdout
     assert (out / "safety.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

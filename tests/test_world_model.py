@@ -106,3 +106,39 @@ def test_world_model_training_reduces_prediction_and_readout_loss(make_agent, fi
     assert readout_after < 0.5 * readout_before
     # A lower prediction loss that is not bought by shrinking the latents.
     assert latent_std > 0.5
+
+
+def test_every_ensemble_member_learns_the_same_dynamics_from_its_own_start():
+    """Three predictors of one linear system: differently initialised, they disagree at first; the prediction loss
+    trains all of them (the first through the encoder's states, the others from a detached start)."""
+    torch.manual_seed(0)
+    model = WorldModel(4, 1, [], WorldModelConfig(hidden_dim=32, ensemble_size=3))
+    assert model.ensemble_size == 3 and len(model.predictor_parameters()) == 3 * len(list(model.predictor.parameters()))
+    optimiser = torch.optim.Adam(model.predictor_parameters(), lr=5e-3)
+    dynamics = torch.randn(5, 4) * 0.3
+
+    def batch():
+        state, actions = torch.randn(64, 4), torch.rand(3, 64, 1) * 2 - 1
+        targets, s = [], state
+        for action in actions:
+            s = s + torch.cat([s, action], -1) @ dynamics
+            targets.append(s)
+        return state, actions, torch.stack(targets)
+
+    def member_errors():
+        state, actions, targets = batch()
+        with torch.no_grad():
+            predicted = model.step_members(state[None].expand(3, -1, -1), actions[0])
+        return (predicted - targets[0]).pow(2).mean(dim=(1, 2))
+
+    before = member_errors()
+    spread = model.step_members(torch.zeros(3, 2, 4), torch.zeros(2, 1))
+    assert (spread[0] - spread[1]).abs().max() > 1e-3  # different members, different predictions
+    for _ in range(150):
+        state, actions, targets = batch()
+        _, loss, _ = model.prediction_loss(state, actions, targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = member_errors()
+    assert (after < before / 10).all(), (before, after)

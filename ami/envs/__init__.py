@@ -4,7 +4,8 @@ Observations are a flat float32 vector, a uint8 image (H, W, C), or a dict of an
 "goal" image and an optional flat "vector". A Dict of vector Boxes (dm_control through shimmy, goal-conditioned
 envs) is flattened into one vector whose entries are named by their keys. `env.pixels=true` turns any env that
 renders into an image one.
-Importing this package registers ami's own environments with gymnasium: ami/HazardNav-v0, ami/TwoRooms-v0.
+Importing this package registers ami's own environments with gymnasium: ami/HazardNav-v0, ami/TwoRooms-v0,
+ami/WindyCliff-v0 (a steady wind) and ami/GustyCliff-v0 (gusts).
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ class FlatDictObservation(gym.ObservationWrapper):
         return list(self.names)
 
 
+class TerminationCost(gym.Wrapper):
+    """info["cost"] = 1.0 on the step the episode terminates, 0.0 before (env.cost_from_termination)."""
+
+    def step(self, action: np.ndarray) -> tuple:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = {**info, "cost": float(bool(terminated))} if "cost" not in info else info
+        return obs, reward, terminated, truncated, info
+
+
 def observation_kind(space: gym.Space) -> str:
     """"vector", "image" or "dict"; anything else raises UnsupportedEnvError."""
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
@@ -105,6 +115,8 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         raise UnsupportedEnvError(f"env.id={config.id!r} has action space {env.action_space}; "
                                   "expected a Box (continuous) action space")
+    if config.cost_from_termination:
+        env = TerminationCost(env)
     if config.pixels:
         env = PixelObservation(env, config.image_size, config.frame_stack, config.grayscale)
     elif is_vector_dict(env.observation_space):
@@ -162,3 +174,7 @@ def observation_names(config: EnvConfig, env: gym.Env) -> list[str]:
 
 gym.register(id="ami/HazardNav-v0", entry_point="ami.envs.hazard_nav:HazardNavEnv", max_episode_steps=1000)
 gym.register(id="ami/TwoRooms-v0", entry_point="ami.envs.two_rooms:TwoRoomsEnv", max_episode_steps=200)
+gym.register(id="ami/WindyCliff-v0", entry_point="ami.envs.windy_cliff:WindyCliffEnv", max_episode_steps=200,
+             kwargs={"wind": 1.5, "gusts": False})
+gym.register(id="ami/GustyCliff-v0", entry_point="ami.envs.windy_cliff:WindyCliffEnv", max_episode_steps=200,
+             kwargs={"wind": 0.5, "gusts": True, "gust_rate": 0.08, "gust_strength": 2.5})
