@@ -113,3 +113,16 @@ def test_mountaincar_energy_drive_matches_the_env_dynamics():
         obs, *_ = env.step(np.array([1.0 if obs[1] >= 0 else -1.0], dtype=np.float32))
     assert drive(float(obs[0]), float(obs[1])) < 0.9
     env.close()
+
+
+def test_cost_from_termination_pays_one_on_the_step_a_walker_falls():
+    cfg = load_config(["env=hopper"])
+    assert cfg.env.cost_from_termination
+    env = make_env(cfg.env)
+    env.reset(seed=0)
+    costs, terminated = [], False
+    while not terminated:
+        _, _, terminated, truncated, info = env.step(np.ones(env.action_space.shape, dtype=np.float32))
+        costs.append(info["cost"])
+        assert not truncated
+    assert costs[-1] == 1.0 and sum(costs[:-1]) == 0.0 and len(costs) > 1
