@@ -52,9 +52,13 @@ def _effort(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.
     return action.pow(2).sum(-1)
 
 
+def _abs_bound_slack(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    return float(p["limit"]) - q[p["quantity"]].abs()
+
+
 def _abs_bound(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
     """Squared excess of |quantity| over limit: zero inside the bound."""
-    return torch.relu(q[p["quantity"]].abs() - float(p["limit"])).pow(2)
+    return torch.relu(-_abs_bound_slack(q, action, p)).pow(2)
 
 
 def _squared_error(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
@@ -68,18 +72,24 @@ def _distance(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torc
     return (squares + 1e-6).sqrt()
 
 
+def _clearance_slack(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    return torch.stack([q[name] for name in p["quantities"]], dim=-1).amin(-1) - float(p["margin"])
+
+
 def _clearance(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
     """Squared shortfall of the smallest of several range readings below a margin: "keep out of
     hazards with margin m" on a lidar of distances to hazard boundaries. Zero while every reading
     is at least the margin."""
-    nearest = torch.stack([q[name] for name in p["quantities"]], dim=-1).amin(-1)
-    return torch.relu(float(p["margin"]) - nearest).pow(2)
+    return torch.relu(-_clearance_slack(q, action, p)).pow(2)
+
+
+def _norm_bound_slack(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    return float(p["limit"]) - (sum(q[name].pow(2) for name in p["quantities"]) + 1e-12).sqrt()
 
 
 def _norm_bound(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
     """Squared excess of a vector's norm over a limit ("speed below v" on (vx, vy))."""
-    squares = sum(q[name].pow(2) for name in p["quantities"])
-    return torch.relu((squares + 1e-12).sqrt() - float(p["limit"])).pow(2)
+    return torch.relu(-_norm_bound_slack(q, action, p)).pow(2)
 
 
 def _linear(q: Quantities, action: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
@@ -112,12 +122,13 @@ FORMULAS: dict[str, AnalyticFormula] = {
     "norm_bound": _norm_bound,
 }
 
-# How far a quantity stands inside a guardrail formula's bound, in the quantity's own units (negative past it):
-# what lets a guardrail be read on a real observation before any model of the world exists.
+# How far a quantity stands inside a bound formula's bound, in the quantity's own units (negative past it): what
+# lets a guardrail be read on a real observation before any model of the world exists. Each of these formulas is
+# relu(-slack)^2.
 SLACK: dict[str, AnalyticFormula] = {
-    "clearance": lambda q, a, p: torch.stack([q[n] for n in p["quantities"]], dim=-1).amin(-1) - float(p["margin"]),
-    "abs_bound": lambda q, a, p: float(p["limit"]) - q[p["quantity"]].abs(),
-    "norm_bound": lambda q, a, p: float(p["limit"]) - (sum(q[n].pow(2) for n in p["quantities"]) + 1e-12).sqrt(),
+    "clearance": _clearance_slack,
+    "abs_bound": _abs_bound_slack,
+    "norm_bound": _norm_bound_slack,
 }
 
 # Measured formulas, on real transitions only: (reward (B,), info, params) -> (B,), where info maps a key to
