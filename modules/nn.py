@@ -1,4 +1,4 @@
-"""Pieces every box shares: the MLP, Polyak averaging, and the count of silent repairs."""
+"""Pieces every box shares: the MLP, Polyak averaging, Adam on a tensor, and the count of silent repairs."""
 
 from __future__ import annotations
 
@@ -22,6 +22,24 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """Polyak averaging: each target parameter moves a share tau of the way to its online twin."""
     for target_param, online_param in zip(target.parameters(), online.parameters(), strict=True):
         target_param.lerp_(online_param, tau)
+
+
+class AdamSteps:
+    """Adam written out, for a tensor optimised directly (a plan's actions): torch.optim.Adam's per-step
+    bookkeeping costs more than this whole update on a tensor this small, and planning runs every env step."""
+
+    def __init__(self, like: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.first, self.second = torch.zeros_like(like), torch.zeros_like(like)
+        self.steps = 0
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad: the tensor's gradient -> the bias-corrected step to subtract (times a learning rate)."""
+        self.steps += 1
+        self.first = self.beta1 * self.first + (1 - self.beta1) * grad
+        self.second = self.beta2 * self.second + (1 - self.beta2) * grad.square()
+        return (self.first / (1 - self.beta1**self.steps)) / (
+            (self.second / (1 - self.beta2**self.steps)).sqrt() + self.eps)
 
 
 class Repairs:

@@ -14,7 +14,7 @@ import torch
 
 from ami.config import ActorConfig
 from ami.messages import Plan
-from modules.nn import Repairs
+from modules.nn import AdamSteps, Repairs
 
 EnergyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -155,20 +155,14 @@ class GradientPlanner:
         init = self.screen(init, state.detach(), energy_fn, generator)
         actions = init.flatten(1, 2)  # (H, B*N, A)
         states_in = state.detach().repeat_interleave(n, dim=0)  # (B*N, D)
-        # Adam written out: torch.optim.Adam's per-step bookkeeping costs more than this whole update
-        # on a tensor this small, and planning runs every env step.
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        first, second = torch.zeros_like(actions), torch.zeros_like(actions)
+        adam = AdamSteps(actions)
         kept = _Best(actions, self.repairs)
-        for k in range(1, iterations + 1):
+        for _ in range(iterations):
             energy, grad, states = energy_and_grad(energy_fn, states_in, actions)
             kept.offer(actions, energy, states)
             self.repairs.count("nonfinite_gradients", ~torch.isfinite(grad))
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            first = beta1 * first + (1 - beta1) * grad
-            second = beta2 * second + (1 - beta2) * grad.square()
-            step = (first / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
-            actions = (actions - self.config.lr * step).clamp(-1.0, 1.0)
+            actions = (actions - self.config.lr * adam(grad)).clamp(-1.0, 1.0)
         with torch.no_grad():
             energy, states = energy_fn(states_in, actions)
         kept.offer(actions, energy, states)

@@ -33,6 +33,7 @@ from ami.config import ConfigError, ShieldConfig
 from ami.messages import ShieldDecision
 from modules.cost import GuardrailError, IntrinsicCost
 from modules.ego import PointMassEgo
+from modules.nn import AdamSteps
 from modules.world_model import WorldModel
 
 __all__ = ["ModelTrust", "PointMassEgo", "Recovery", "Shield"]
@@ -208,8 +209,7 @@ class Shield:
         movable = movable.flatten(1, 2)
         start = latent.detach().repeat_interleave(rows, dim=0)
         offset = readout_offset.repeat_interleave(rows, dim=0)
-        first = torch.zeros_like(actions)
-        second = torch.zeros_like(actions)
+        adam = AdamSteps(actions)
         best_actions, best_worst = actions, None
         band = None if not self.error_band else \
             self.error_band * model_error * torch.arange(1, horizon + 1, device=device, dtype=latent.dtype)
@@ -228,11 +228,9 @@ class Shield:
                 best_actions = torch.where(better[None, :, None], actions, best_actions)
             if k > self.recovery_iterations:
                 break
+            # A held action's gradient is zero, so its Adam step is too: it stays as it is.
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) * movable
-            first = 0.9 * first + 0.1 * grad
-            second = 0.999 * second + 0.001 * grad.square()
-            step = (first / (1 - 0.9**k)) / ((second / (1 - 0.999**k)).sqrt() + 1e-8)
-            actions = (actions - self.recovery_lr * step * movable).clamp(-1.0, 1.0)
+            actions = (actions - self.recovery_lr * adam(grad)).clamp(-1.0, 1.0)
         sequences = best_actions.view(horizon, batch, rows, action_dim)
         worst = best_worst.view(batch, rows)
         best_free = worst[:, checked:].argmin(1)
