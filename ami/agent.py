@@ -77,8 +77,8 @@ class Agent:
     @torch.no_grad()
     def _predict_guarded(self, percept: Percept, actions: torch.Tensor) -> torch.Tensor | None:
         """(B, Q') the world model's first member's guardrail quantities after actions: (B, A); None before it has
-        trained, without guardrail quantities or with the shield off."""
-        if not (self.world_model_trained and self.shield.active and len(self.guardrail_index)):
+        trained, without guardrail quantities, or where the shield reads no measured error."""
+        if not (self.world_model_trained and self.shield.measures_model and len(self.guardrail_index)):
             return None
         quantities = self.world_model.readout(self.world_model.step(percept.state, actions.to(percept.state.dtype)))
         if percept.readout_offset is not None:

@@ -140,6 +140,11 @@ class Shield:
         """What checkpoints compare: a run cannot resume with its shield loosened."""
         return self._description
 
+    @property
+    def measures_model(self) -> bool:
+        """Whether anything here reads the world model's measured error (a trust bound or an error band)."""
+        return self.active and (self.trust_error > 0 or self.error_band > 0)
+
     def trusts(self, trust: ModelTrust, trained: bool) -> bool:
         """Whether the world model's predictions may be checked: it has trained, and (with a trust_error bound)
         its error on fresh real transitions is below the bound."""
