@@ -204,6 +204,13 @@ class ConfiguratorConfig:
     # weight (0 = off).
     stall_patience: int = 0
     stall_margin: float = 0.25
+    # The planning budget: with max_iterations > 0 the configurator sets each plan's Adam steps (gradient planner)
+    # from how the last one converged: to one past the last step that lowered the best energy by more than
+    # `converged` (relative), between min_iterations and max_iterations, and up by half while the last step still
+    # did; it starts at agent.actor.iterations. 0: every plan takes agent.actor.iterations.
+    max_iterations: int = 0
+    min_iterations: int = 1
+    converged: float = 0.01
 
 
 @dataclass
@@ -450,6 +457,15 @@ def validate(cfg: DictConfig) -> None:
     if a.configurator.stall_patience < 0:
         raise ConfigError(f"agent.configurator.stall_patience={a.configurator.stall_patience}: expected steps >= 0 "
                           "(0 turns the stall rule off)")
+    budget = a.configurator
+    if budget.max_iterations < 0 or budget.min_iterations < 1 or budget.converged < 0:
+        raise ConfigError(f"agent.configurator.max_iterations={budget.max_iterations}, min_iterations="
+                          f"{budget.min_iterations}, converged={budget.converged}: expected max_iterations >= 0 (0: "
+                          "a fixed budget), min_iterations >= 1 and converged >= 0")
+    if budget.max_iterations and not budget.min_iterations <= a.actor.iterations <= budget.max_iterations:
+        raise ConfigError(f"agent.actor.iterations={a.actor.iterations}: the planning budget starts there, so it "
+                          f"must lie in agent.configurator.min_iterations..max_iterations = "
+                          f"{budget.min_iterations}..{budget.max_iterations}")
     if a.configurator.stall_margin < 0:
         raise ConfigError(f"agent.configurator.stall_margin={a.configurator.stall_margin}: expected a latent "
                           "distance >= 0")

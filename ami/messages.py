@@ -64,6 +64,8 @@ class Plan:
     candidate_energy: (B, N).
     proposal_energy: (B,) the energy of Mode-1's proposal as it was proposed (what the configurator compares
         with energy_after to decide whether Mode-1 may act alone); None when there was no proposal.
+    energy_trace: (I + 1,) the mean over environments of the best energy found by each of the plan's I + 1
+        evaluations (before the first step, after each): how the plan converged, for the configurator's budget.
     """
 
     actions: torch.Tensor
@@ -75,6 +77,7 @@ class Plan:
     proposal_energy: torch.Tensor | None = None
     plan_time_s: float = 0.0
     mode: str = "mode2"
+    energy_trace: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ def agent_state(agent: Agent) -> dict:
     return {"guardrails": [term for term in intrinsic.describe() if term[3]], "intrinsic_cost": intrinsic.describe(),
             "shield": agent.shield.describe(), "modules": modules, "shield_trust": agent.trust.state_dict(),
             "configurator": {"weights": agent.configurator.weights, "mode1_acting": state.mode1_acting,
-                             "gap": state.gap, "steps_since_audit": state.steps_since_audit}}
+                             "gap": state.gap, "steps_since_audit": state.steps_since_audit,
+                             "iterations": agent.configurator.iterations}}
 
 
 def load_agent_state(agent: Agent, state: dict, path: Path, cfg: DictConfig) -> None:
@@ -61,6 +62,10 @@ def load_agent_state(agent: Agent, state: dict, path: Path, cfg: DictConfig) -> 
     switch = agent.configurator.state
     switch.mode1_acting, switch.gap = configurator["mode1_acting"], configurator["gap"]
     switch.steps_since_audit = configurator["steps_since_audit"]
+    budget = cfg.agent.configurator
+    if budget.max_iterations and "iterations" in configurator:  # the planning budget where it had got to
+        agent.configurator.iterations = min(max(configurator["iterations"], budget.min_iterations),
+                                            budget.max_iterations)
     agent.world_model_trained = state["learner"]["updates"] > 0
     if "shield_trust" in state:
         agent.trust.load_state_dict(state["shield_trust"])

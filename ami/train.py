@@ -102,7 +102,8 @@ class Trainer:
         self.latents: torch.Tensor | None = None  # reward-free: the frozen encoder's latents of every stored row
         self.health: dict[str, float] = {}  # reward-free: the latest latent-health figures
         self.plan_times_ms: list[float] = []  # every planning call of this process, per env step
-        self.eval_seconds = 0.0  # this process's time in evaluations
+        self.part_seconds: dict[str, float] = defaultdict(float)  # the current train() call's time by part (time_split)
+        self.eval_seconds = 0.0  # the current train() call's time in evaluations
         self.mode1_steps = 0  # this process's env steps on which Mode-1 acted alone
         self.last_return = float("nan")
         self._stop_requested = False  # Ctrl-C while training (train() listens for it)
@@ -127,21 +128,46 @@ class Trainer:
     # -- the cycle -----------------------------------------------------------------------------------------
     def env_step(self, random: bool, limit: int | None = None) -> Step:
         """One step of every environment: act, step, score, remember (at most `limit` transitions)."""
-        agent = self.agent
-        step = self.loop.step(lambda obs: agent.act(obs, explore=not random, random=random,
-                                                    generator=self.plan_generator))
+        agent, parts = self.agent, self.part_seconds
+
+        def act(obs: object) -> object:
+            start = time.perf_counter()
+            action = agent.act(obs, explore=not random, random=random, generator=self.plan_generator)
+            parts["act"] += time.perf_counter() - start
+            if action.plan is not None:
+                parts["plan"] += action.plan.plan_time_s
+            return action
+
+        start, acting = time.perf_counter(), parts["act"]
+        step = self.loop.step(act)
+        parts["env"] += time.perf_counter() - start - (parts["act"] - acting)
         if limit is not None and step.valid.sum() > limit:  # the rest are not kept: their stretches end before them
             kept = step.valid & (np.cumsum(step.valid) <= limit)
             step = dataclasses.replace(step, valid=kept, dropped=step.dropped | (step.valid & ~kept))
         if self.cfg.reward_free.enabled:  # the world model never sees a reward: none is stored
             step = dataclasses.replace(step, reward=np.zeros_like(step.reward))
+        start = time.perf_counter()
         if step.action.plan is not None:  # else every environment only reset (a NEXT_STEP vector env)
             record = agent.observe(step)
             self.episode_log.add(step, record, self.loop.env_steps, self.window)
             if step.action.plan.mode != "random":
                 self._window_plan(step)
         agent.reset(step.started)
+        parts["observe"] += time.perf_counter() - start
         return step
+
+    def time_split(self) -> dict[str, float]:
+        """Milliseconds per env step of the last train() call, by part: plan (the planner), act (the rest
+        of acting: perception, shield, Mode-1), env (the vector env's step and the loop's bookkeeping), observe
+        (intrinsic cost, memory, logs), update (the learner), rest (checkpoints, logging, the schedule), and total;
+        evaluations left out. Call after train()."""
+        parts, steps = self.part_seconds, max(self.loop.env_steps - self.start_steps, 1)
+        total = self.train_seconds - self.eval_seconds
+        split = {"plan": parts["plan"], "act": parts["act"] - parts["plan"], "env": parts["env"],
+                 "observe": parts["observe"], "update": parts["update"]}
+        split["rest"] = total - sum(split.values())
+        split["total"] = total
+        return {name: 1000 * seconds / steps for name, seconds in split.items()}
 
     def _window_plan(self, step: Step) -> None:
         plan, task, window = step.action.plan, step.action.task, self.window
@@ -169,6 +195,8 @@ class Trainer:
                    desc=f"{self.cfg.env.name}/{self.cfg.agent.name} s{self.cfg.seed}",
                    unit="update" if self.cfg.reward_free.enabled and self.learner.updates else "step")
         self.start_time, self.start_progress = time.perf_counter(), self._progress()
+        self.start_steps, self.eval_seconds = self.loop.env_steps, 0.0
+        self.part_seconds.clear()
         self._last_rate = (self.start_time, self.start_progress, self.eval_seconds)
         self._stop_requested = False
         main_thread = threading.current_thread() is threading.main_thread()
@@ -189,8 +217,9 @@ class Trainer:
             bar.close()
             if close:
                 self.close()
+        self.train_seconds = time.perf_counter() - self.start_time
         return {"step": self.loop.env_steps, "updates": self.learner.updates, "last_return": self.last_return,
-                "train_seconds": time.perf_counter() - self.start_time, **self.health}
+                "train_seconds": self.train_seconds, **self.health}
 
     def _request_stop(self, signum: int, frame: object) -> None:
         """Ctrl-C: stop after the current step, between updates, so the checkpoint is whole (raised from deep in
@@ -235,6 +264,7 @@ class Trainer:
                 stop = any([self.callback.on_episode(self, episode) is False for episode in step.finished]) or stop
             self.last_return = self.episode_log.last_return
             stats: dict = {}
+            start = time.perf_counter()
             if before < train.seed_steps <= after:
                 for _ in range(train.pretrain_updates):
                     stats = self.learner.update()
@@ -244,6 +274,7 @@ class Trainer:
                 while self.update_credit >= 1:
                     stats = self.learner.update()
                     self.update_credit -= 1
+            self.part_seconds["update"] += time.perf_counter() - start
             if crossed(before, after, train.log_every):
                 self._log_window(stats, bar)
             if crossed(before, after, train.eval_every):

@@ -10,11 +10,14 @@ outside its reach, and trying to set one raises GuardrailError. Two rules watch 
 - The stall rule: while the distance to the goal stalls, it turns the boredom weight up, so that the place the
   agent is stuck in wears out faster than the world model's false promise of a way through (a wall it lets
   plans slip past).
+- The planning budget (max_iterations > 0): each plan takes one Adam step past the last that still helped the
+  one before it, and half as many again while the last step still helped; a plan never waits on the host to ask.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -109,9 +112,13 @@ class Configurator:
         return "mode1"
 
     def report(self, plan: Plan) -> None:
-        """A fresh Mode-2 plan with Mode-1's proposal priced beside it moves the mode switch."""
-        if self.config.mode != "auto" or plan.mode != "mode2" or plan.proposal_energy is None \
-                or plan.plan_time_s == 0.0:  # a held plan followed, not planned
+        """A fresh Mode-2 plan sets the next one's budget, and, with Mode-1's proposal priced beside it, moves the
+        mode switch."""
+        if plan.mode != "mode2" or plan.plan_time_s == 0.0:  # a held plan followed, not planned
+            return
+        if self.config.max_iterations > 0 and plan.energy_trace is not None:
+            self.iterations = self.budget(plan.energy_trace)
+        if self.config.mode != "auto" or plan.proposal_energy is None:
             return
         gap = float((plan.proposal_energy - plan.energy_after).mean()
                     / plan.energy_after.abs().mean().clamp_min(1e-6))
@@ -121,6 +128,22 @@ class Configurator:
             state.mode1_acting = False
         elif not state.mode1_acting and state.gap <= self.config.mode1_gap:
             state.mode1_acting, state.steps_since_audit = True, 0
+
+    def budget(self, trace: torch.Tensor) -> int:
+        """trace: (I + 1,) the last plan's best energy after each evaluation -> the next plan's iterations: one past
+        the last step that lowered it by more than `converged` of its final size, or, where the last step did,
+        half as many again, within [min_iterations, max_iterations]."""
+        config, values = self.config, trace.tolist()  # the one read of the plan the budget needs, after it
+        if len(values) < 2 or not all(math.isfinite(value) for value in values):
+            return self.iterations
+        scale = max(abs(values[-1]), 1e-6)
+        helped = [step for step in range(1, len(values))
+                  if (values[step - 1] - values[step]) / scale > config.converged]
+        if helped and helped[-1] == len(values) - 1:  # still improving at its last step: more
+            iterations = self.iterations + max(1, self.iterations // 2)
+        else:
+            iterations = (helped[-1] if helped else 0) + 1
+        return int(min(max(iterations, config.min_iterations), config.max_iterations))
 
     def stall_scale(self, distance: torch.Tensor) -> torch.Tensor:
         """distance: (B,) this step's latent goal distance -> (B,) 1 + stalled steps / stall_patience.

@@ -62,18 +62,20 @@ class _Best:
         self.states: torch.Tensor | None = None  # (H + 1, M, D)
         self.first_energy: torch.Tensor | None = None
         self.repairs = repairs
+        self.trace: list[torch.Tensor] = []  # after each offer: the mean over environments of their best energy
 
-    def offer(self, actions: torch.Tensor, energy: torch.Tensor, states: torch.Tensor) -> None:
+    def offer(self, actions: torch.Tensor, energy: torch.Tensor, states: torch.Tensor, batch: int) -> None:
         # A non-finite energy (a diverged imagined state) must never win.
         self.repairs.count("nonfinite_energies", ~torch.isfinite(energy))
         energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
         if self.energy is None:
             self.actions, self.energy, self.states, self.first_energy = actions, energy, states, energy
-            return
-        better = energy < self.energy
-        self.energy = torch.where(better, energy, self.energy)
-        self.actions = torch.where(better[None, :, None], actions, self.actions)
-        self.states = torch.where(better[None, :, None], states, self.states)
+        else:
+            better = energy < self.energy
+            self.energy = torch.where(better, energy, self.energy)
+            self.actions = torch.where(better[None, :, None], actions, self.actions)
+            self.states = torch.where(better[None, :, None], states, self.states)
+        self.trace.append(self.energy.view(batch, -1).min(1).values.mean())  # stays on the device: no sync
 
 
 class GradientPlanner:
@@ -159,18 +161,19 @@ class GradientPlanner:
         kept = _Best(actions, self.repairs)
         for _ in range(iterations):
             energy, grad, states = energy_and_grad(energy_fn, states_in, actions)
-            kept.offer(actions, energy, states)
+            kept.offer(actions, energy, states, batch)
             self.repairs.count("nonfinite_gradients", ~torch.isfinite(grad))
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             actions = (actions - self.config.lr * adam(grad)).clamp(-1.0, 1.0)
         with torch.no_grad():
             energy, states = energy_fn(states_in, actions)
-        kept.offer(actions, energy, states)
+        kept.offer(actions, energy, states, batch)
         first = kept.first_energy.view(batch, n)
         best_actions, best_energy, best_states = _pick_best(kept.actions, kept.energy, kept.states, batch)
         return Plan(best_actions, first.min(1).values, best_energy, best_states,
                     kept.actions.view(horizon, batch, n, action_dim), kept.energy.view(batch, n),
-                    first[:, 1] if proposal is not None and n > 1 else None, time.perf_counter() - start, "mode2")
+                    first[:, 1] if proposal is not None and n > 1 else None, time.perf_counter() - start, "mode2",
+                    torch.stack(kept.trace))
 
 
 class MPPIPlanner:

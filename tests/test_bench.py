@@ -68,6 +68,13 @@ def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, extra):
             assert "num_envs: 2" in (out / f"peer_s{seed}" / "config.yaml").read_text()
     ami_rows = [r for r in rows if r["method"] == "ami"]
     assert all(float(r["plan_ms_median"]) > 0 and float(r["steps_per_s"]) > 0 for r in ami_rows)
+    # The training step split into its parts: each measured, and together the whole step (evaluations left out).
+    for r in ami_rows:
+        parts = {part: float(r[f"ms_{part}"]) for part in ("plan", "act", "env", "observe", "update", "rest")}
+        assert all(value > 0 for value in parts.values()), parts
+        assert sum(parts.values()) == pytest.approx(float(r["ms_total"]), rel=1e-3)
+        assert float(r["ms_total"]) == pytest.approx(1000 / float(r["steps_per_s"]), rel=0.01)
+    assert "training time per env step, ms" in stdout
     peer_rows = [r for r in rows if r["method"] == vs]
     assert all(np.isnan(float(r["plan_ms_median"])) for r in peer_rows) if vs == "sac" else \
         all(float(r["steps_per_s"]) > 0 for r in peer_rows)  # SAC does not plan

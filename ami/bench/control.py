@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from ami.evaluate import EvalResult, run_episodes
 from ami.train import Trainer
 
 PEERS = ("sac", "mppi", "none")
+SPLIT = ("plan", "act", "env", "observe", "update", "rest", "total")  # Trainer.time_split's parts
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Point:
     plan_ms_mean: float = float("nan")  # its mean: the whole planning time over the env steps
     steps_per_s: float = float("nan")  # the run's env steps per second of training, evaluations left out
     mode1_share: float = float("nan")  # the share of env steps Mode-1 acted on alone
+    split: dict[str, float] = field(default_factory=dict)  # ms per env step by part of the training step (ami)
 
 
 def peer_overrides(vs: str, mppi_budget: tuple[int, int]) -> list[str] | None:
@@ -54,13 +56,14 @@ def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
     plan_ms, plan_ms_mean = (float(np.median(times)), float(np.mean(times))) if times else (float("nan"),) * 2
     sps = trainer.loop.env_steps / max(result["train_seconds"] - trainer.eval_seconds, 1e-9)
     mode1 = trainer.mode1_steps / max(trainer.loop.env_steps - min(cfg.train.seed_steps, trainer.loop.env_steps), 1)
+    split = trainer.time_split()
     points = []
     with (run_dir / "eval.csv").open() as f:
         for row in csv.DictReader(f):
             returns = np.array([float(r) for r in row["returns"].split()])
             zeros = np.zeros(len(returns))
             points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, zeros, zeros, zeros),
-                                plan_ms, plan_ms_mean, sps, mode1))
+                                plan_ms, plan_ms_mean, sps, mode1, split))
     return points
 
 
@@ -134,6 +137,19 @@ def table(points: list[Point], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def split_table(per_run: dict[str, dict[int, Point]]) -> str:
+    """Each ami method's training step split into its parts, in ms per env step (mean over seeds)."""
+    width = max(len("method"), *map(len, per_run))
+    lines = ["\ntraining time per env step, ms (mean over seeds; plan: the planner; act: the rest of acting, "
+             "perception and shield; observe: intrinsic cost and memory; update: the learner; rest: logging, "
+             "checkpoints)",
+             f"{'method':>{width}s} " + " ".join(f"{part:>8s}" for part in SPLIT)]
+    for method, runs in per_run.items():
+        means = [float(np.mean([p.split[part] for p in runs.values()])) for part in SPLIT]
+        lines.append(f"{method:>{width}s} " + " ".join(f"{value:8.2f}" for value in means))
+    return "\n".join(lines)
+
+
 def plot(points: list[Point], methods: list[str], path: Path, title: str) -> None:
     import matplotlib
 
@@ -182,11 +198,11 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "seed", "step", "return_mean", "return_std", "plan_ms_median", "plan_ms_mean",
-                         "steps_per_s", "mode1_share"])
+                         "steps_per_s", "mode1_share", *(f"ms_{part}" for part in SPLIT)])
         for p in points:
             writer.writerow([p.method, p.seed, p.step, f"{p.result.mean:.2f}", f"{p.result.std:.2f}",
                              f"{p.plan_ms:.2f}", f"{p.plan_ms_mean:.2f}", f"{p.steps_per_s:.2f}",
-                             f"{p.mode1_share:.4f}"])
+                             f"{p.mode1_share:.4f}", *(f"{p.split.get(part, float('nan')):.3f}" for part in SPLIT)])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     for p in points:
         writer.add_scalar(f"bench/{p.method}/s{p.seed}/return_mean", p.result.mean, p.step)
@@ -210,6 +226,7 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
           + ", ".join(f"{m} {v:.1f}" for m, v in sps.items()))
     print("share of env steps Mode-1 acted on alone: "
           + ", ".join(f"{m} {np.mean([p.mode1_share for p in runs.values()]):.1%}" for m, runs in per_run.items()))
+    print(split_table(per_run))
     if len(plan_ms) == 2:
         print(f"ratio ami / {vs}: planning time {plan_ms['ami'] / plan_ms[vs]:.2f} (mean "
               f"{plan_mean['ami'] / plan_mean[vs]:.2f}), env steps per second {sps['ami'] / sps[vs]:.2f}")
