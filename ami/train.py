@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from ami.evaluate import EVAL_SEED, evaluate
 from ami.learner import Learner
 from ami.logger import Logger
 from ami.loop import EnvLoop, Episode
-from ami.messages import Step
+from ami.messages import Action, Step
 from ami.runs import agent_state, build_run_agent, load_agent_state
 
 
@@ -104,6 +105,7 @@ class Trainer:
         self.plan_times_ms: list[float] = []  # every planning call of this process, per env step
         self.part_seconds: dict[str, float] = defaultdict(float)  # the current train() call's time by part (time_split)
         self.eval_seconds = 0.0  # the current train() call's time in evaluations
+        self.start_steps, self.train_seconds = 0, 0.0  # the last train() call's first env step and its length
         self.mode1_steps = 0  # this process's env steps on which Mode-1 acted alone
         self.last_return = float("nan")
         self._stop_requested = False  # Ctrl-C while training (train() listens for it)
@@ -130,7 +132,7 @@ class Trainer:
         """One step of every environment: act, step, score, remember (at most `limit` transitions)."""
         agent, parts = self.agent, self.part_seconds
 
-        def act(obs: object) -> object:
+        def act(obs: Any) -> Action:
             start = time.perf_counter()
             action = agent.act(obs, explore=not random, random=random, generator=self.plan_generator)
             parts["act"] += time.perf_counter() - start
