@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="sac, mppi, none, or overrides KEY=VALUE[,KEY=VALUE] for a second ami run "
                               "(train.num_envs=1, agent.configurator.mode=mode2, ...)")
     control.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes")
+    control.add_argument("--procs", type=int, default=None, metavar="N",
+                         help="instead of --vs: the same ami trained by torchrun in N processes")
     control.add_argument("--eval-every", type=int, default=500)
     control.add_argument("--episodes", type=int, default=10)
     control.add_argument("--threshold", type=float, default=None, help="return to reach (steps-to table)")
@@ -132,16 +134,16 @@ def _bench(args: argparse.Namespace) -> int:
                    args.jobs)
         return 0
     if args.bench == "control":
-        for name in ("steps", "eval_every", "episodes", "peer_steps", "jobs"):
+        for name in ("steps", "eval_every", "episodes", "peer_steps", "jobs", "procs"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
-        if args.vs not in control.PEERS:
+        if args.vs not in control.PEERS and args.procs is None:
             load_config([f"env={args.env}", *args.overrides, *args.vs.split(",")])  # a bad override fails here
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / "bench" / f"control__{args.env}__{stamp}"
         control.run(args.env, args.steps, args.seeds, args.vs, args.eval_every, args.episodes, args.threshold,
                     args.overrides, out, not args.no_progress, args.oracle, tuple(args.mppi_budget),
-                    args.peer_steps, args.jobs)
+                    args.peer_steps, args.jobs, args.procs)
         return 0
     if args.repeats < 1:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive number")
@@ -165,12 +167,15 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg, run_dir = load_config(overrides), None
     model = AMI.from_config(cfg, run_dir, resume=bool(args.resume))
-    trainer, run_dir = model.trainer, model.run_dir
-    print(describe(trainer))
-    print(f"run directory: {run_dir}" + (f" (resuming at {trainer.position()})" if args.resume else ""))
+    trainer, run_dir = model.trainer, model.trainer.group_dir
+    say = print if trainer.group.main else (lambda *_: None)  # a torchrun group speaks through rank 0
+    say(describe(trainer))
+    say(f"run directory: {run_dir}" + (f" (resuming at {trainer.position()})" if args.resume else ""))
     result = model.train()
-    print(f"done: {result['step']} env steps, {result['updates']} updates in {result['train_seconds']:.0f} s; "
-          f"checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
+    say(f"done: {result['step']} env steps, {result['updates']} updates in {result['train_seconds']:.0f} s; "
+        f"checkpoint {run_dir / 'checkpoints' / 'latest.pt'}")
+    if not trainer.group.main:
+        return 0
     if cfg.reward_free.enabled:
         print(f"plan to goals with: ami bench goals --runs {run_dir}")
     else:
@@ -214,8 +219,11 @@ def describe(trainer: Trainer) -> str:
     cfg = trainer.cfg
     names = trainer.agent.world_model.observation_names
     observed = f"{len(names)} named quantities" if names else "pixels"
+    group = trainer.group
+    processes = f" in each of {group.world_size} processes (torchrun; rank 0 logs and evaluates)" \
+        if group.distributed else ""
     text = (f"env {cfg.env.name} ({cfg.env.id}, {observed}), agent {cfg.agent.name}, seed {cfg.seed}, "
-            f"{trainer.loop.num_envs} env(s); full config: {trainer.run_dir / 'config.yaml'}\n"
+            f"{trainer.loop.num_envs} env(s){processes}; full config: {trainer.run_dir / 'config.yaml'}\n"
             f"parameters: {sum(counts.values()):,} ({parts}); device: {trainer.device}\n{planning}\n{guard}")
     rf = trainer.cfg.reward_free
     if rf.enabled:

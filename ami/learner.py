@@ -10,6 +10,8 @@ from torch import nn
 
 from ami.agent import Agent
 from ami.config import AgentConfig, RewardFreeConfig
+from ami.distributed import Group
+from modules.memory import SequenceBatch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,13 +46,21 @@ def hindsight_goals(index: torch.Tensor, first: torch.Tensor, last: torch.Tensor
 class Learner:
     """Each update samples from memory and steps one optimiser per trained part.
 
-    The intrinsic cost is read, never trained: it has no parameters to give an optimiser.
+    The intrinsic cost is read, never trained: it has no parameters to give an optimiser. In a group of
+    processes (ami.distributed) the world model's, critic's and policy's losses run through
+    DistributedDataParallel: each rank's batch is its own memory's, and the gradients stepped are the group's mean.
     """
 
-    def __init__(self, agent: Agent, config: AgentConfig, reward_free: RewardFreeConfig, seed: int) -> None:
+    def __init__(self, agent: Agent, config: AgentConfig, reward_free: RewardFreeConfig, seed: int,
+                 group: Group | None = None) -> None:
         self.agent = agent
         self.config = config
         self.reward_free = reward_free
+        self.group = Group() if group is None else group
+        self.world_model_loss = self.group.objective(agent.world_model.loss, perception=agent.perception,
+                                                     world_model=agent.world_model)
+        self.critic_loss = self.group.objective(agent.cost.critic.loss, critic=agent.cost.critic)
+        self.policy = self.group.objective(agent.actor.policy, policy=agent.actor.policy)
         lr = config.world_model.lr
         self.optimisers: dict[str, torch.optim.Optimizer] = {
             "world_model": torch.optim.Adam([*agent.perception.encoder.parameters(),
@@ -68,9 +78,11 @@ class Learner:
     def _step(self, name: str, loss: torch.Tensor, clip: float) -> float:
         """Backpropagate loss into optimiser `name` and step it; a non-finite loss or gradient stops the run
         before any parameter moves."""
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"the {name} loss is {loss.item()} at update {self.updates + 1}; no parameter "
-                                     "was changed and the last checkpoint is kept")
+        finite = bool(torch.isfinite(loss))
+        if not self.group.all(finite):  # every rank stops, or none
+            value = f"not finite on another rank (here {loss.item()})" if finite else loss.item()
+            raise NonFiniteLossError(f"the {name} loss is {value} at update {self.updates + 1}; no parameter was "
+                                     "changed and the last checkpoint is kept")
         optimiser = self.optimisers[name]
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,16 +95,18 @@ class Learner:
         optimiser.step()
         return norm
 
-    def update(self) -> dict[str, float | torch.Tensor | None]:
-        """One joint update: world model and encoder on a batch of stored sequences; on the same encodings, the
-        critic (when the cost has terms) and the policy (on the steps Mode-2 planned)."""
+    def update(self, batch: SequenceBatch | None = None) -> dict[str, float | torch.Tensor | None]:
+        """One joint update: world model and encoder on a batch of stored sequences (default: sampled from
+        memory); on the same encodings, the critic (when the cost has terms) and the policy (on the steps Mode-2
+        planned)."""
         agent, cfg = self.agent, self.config
         device = agent.device
-        batch = agent.memory.sample_sequences(cfg.world_model.batch_size, cfg.world_model.rollout_horizon,
-                                              self.generator)
+        if batch is None:
+            batch = agent.memory.sample_sequences(cfg.world_model.batch_size, cfg.world_model.rollout_horizon,
+                                                  self.generator)
         obs, actions = batch.obs.to(device), batch.actions.to(device)
         vector = None if batch.vector is None else batch.vector.to(device)
-        wm_losses, states = agent.world_model.loss(agent.perception, obs, actions, vector)
+        wm_losses, states = self.world_model_loss(agent.perception, obs, actions, vector)
         stats: dict[str, float | torch.Tensor | None] = {
             "world_model/loss": wm_losses.total.item(),
             "world_model/prediction_loss": wm_losses.prediction.item(),
@@ -115,17 +129,20 @@ class Learner:
         if intrinsic.term_names:
             terms = batch.cost_terms.to(device) * agent.configurator.weight_vector  # (L, B, T)
             measured = (terms * intrinsic.mask("measured", device)).sum(-1)
-            critic_loss, critic_stats = agent.cost.critic.loss(states, actions, terms.sum(-1), measured,
-                                                               batch.terminated.to(device))
+            critic_loss, critic_stats = self.critic_loss(states, actions, terms.sum(-1), measured,
+                                                         batch.terminated.to(device))
             self._step("critic", critic_loss, cfg.cost.grad_clip)
             agent.cost.critic.update_target()
             stats.update({f"cost/critic/{key}": value for key, value in critic_stats.items()})
 
         planned = batch.planned.to(device)
         stats["actor/policy_imitation_loss"] = None
-        if planned.any():
+        planned_rows = self.group.sum([float(planned.sum())])[0]  # over the group: a rank may have none
+        if planned_rows:
             target = batch.plan_actions.to(device)[planned]
-            imitation = (agent.actor.policy(states[:-1][planned]) - target).pow(2).mean()
+            # The mean over the group's planned steps: DDP averages the ranks' gradients, hence world_size.
+            squared = (self.policy(states[:-1][planned]) - target).pow(2).sum()
+            imitation = squared * self.group.world_size / (planned_rows * target.shape[-1])
             self._step("policy", imitation, 10.0)
             stats["actor/policy_imitation_loss"] = imitation.item()
         self.updates += 1

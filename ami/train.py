@@ -23,10 +23,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ami import figures, reward_free, runlog
+from ami import distributed, figures, reward_free, runlog
 from ami.agent import storable_observation
 from ami.build import resolve_device
-from ami.checkpoint import load_checkpoint, save_checkpoint
+from ami.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ami.config import ConfigError
 from ami.envs import make_vector_env
 from ami.evaluate import EVAL_SEED, evaluate
@@ -80,23 +80,34 @@ def crossed(before: int, after: int, every: int) -> bool:
 
 
 class Trainer:
-    """Owns one run: its env loop, agent, learner, logger, counters and RNGs."""
+    """Owns one run: its env loop, agent, learner, logger, counters and RNGs.
+
+    Started by torchrun, it is one rank of a group (ami.distributed): the schedule's env steps are the group's,
+    run_dir is the group's (rank r keeps its own files in run_dir/ranks/<r>), and rank 0 alone logs and evaluates.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
+        self.group = group = distributed.join(self.device)
+        if group.distributed and cfg.reward_free.enabled:
+            raise ConfigError(f"reward_free.enabled=true under torchrun (world size {group.world_size}): a "
+                              "reward-free run trains in one process")
+        self.group_dir = Path(group.broadcast(str(run_dir)))  # rank 0's: its name has a time stamp
+        self.run_dir = group.rank_dir(self.group_dir)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # every rank builds the same parameters...
         self.loop = EnvLoop(make_vector_env(cfg.env, cfg.train.num_envs), cfg.env.nonfinite)
         self.agent = build_run_agent(cfg, self.loop, self.device)
         if cfg.reward_free.enabled:
             reward_free.check_env(cfg, self.loop.envs.single_observation_space, self.agent)
-        self.learner = Learner(self.agent, OmegaConf.to_object(cfg.agent), cfg.reward_free, cfg.seed)
-        self.plan_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        seed_everything(group.seed(cfg.seed))  # ...and draws its own random numbers from here on
+        self.learner = Learner(self.agent, OmegaConf.to_object(cfg.agent), cfg.reward_free, group.seed(cfg.seed),
+                               group)
+        self.plan_generator = torch.Generator().manual_seed(group.seed(cfg.seed + 1))
         self.episode_log = runlog.EpisodeLog(self.run_dir, self.agent, self.loop.num_envs,
-                                             tensorboard=not cfg.reward_free.enabled)
+                                             tensorboard=group.main and not cfg.reward_free.enabled)
         self.window: dict[str, list[float]] = defaultdict(list)
         self.update_credit = 0.0  # updates owed to the env steps taken so far
         self.checkpoint_due: int | None = None  # the env step at which a checkpoint fell due
@@ -109,18 +120,22 @@ class Trainer:
         self.mode1_steps = 0  # this process's env steps on which Mode-1 acted alone
         self.last_return = float("nan")
         self._stop_requested = False  # Ctrl-C while training (train() listens for it)
+        self._stop_agreed = False  # in a group: Ctrl-C reached some rank by the last env step (all stop there)
         if resume:
             self.load()
             runlog.drop_rows_after(self.run_dir, self.loop.env_steps)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.loop.reset(seed=cfg.seed)
+            # Environment seeds run on across the ranks, as if the group's environments were one vector env.
+            self.loop.reset(seed=cfg.seed + group.rank * self.loop.num_envs)
         OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)  # on resume too: its overrides count now
-        # Events at the checkpoint's step were written before it was saved: keep them.
-        self.logger = Logger(self.run_dir, purge_step=self.x_axis() + 1 if resume else None)
+        self.logger: Logger | None = None  # rank 0's alone
+        if group.main:
+            # Events at the checkpoint's step were written before it was saved: keep them.
+            self.logger = Logger(self.run_dir, purge_step=self.x_axis() + 1 if resume else None)
+            if not resume:
+                self.logger.hparams(runlog.hparams(cfg), {"eval/return_mean": float("nan")})
         self.episode_log.logger = self.logger
-        if not resume:
-            self.logger.hparams(runlog.hparams(cfg), {"eval/return_mean": float("nan")})
 
     def x_axis(self) -> int:
         """The x-axis of this run's curves: env steps; a reward-free run's, whose curves are all of its offline
@@ -140,8 +155,11 @@ class Trainer:
                 parts["plan"] += action.plan.plan_time_s
             return action
 
-        start, acting = time.perf_counter(), parts["act"]
+        start, acting, before = time.perf_counter(), parts["act"], self.loop.env_steps
         step = self.loop.step(act)
+        if self.group.distributed:  # the group's env steps, and whether Ctrl-C reached any rank
+            steps, stop = self.group.sum([self.loop.env_steps - before, self._stop_requested])
+            self.loop.env_steps, self._stop_agreed = before + int(steps), stop > 0
         parts["env"] += time.perf_counter() - start - (parts["act"] - acting)
         if limit is not None and step.valid.sum() > limit:  # the rest are not kept: their stretches end before them
             kept = step.valid & (np.cumsum(step.valid) <= limit)
@@ -193,16 +211,18 @@ class Trainer:
         envs and the TensorBoard writer open for another call (ami.api)."""
         self.until = self.cfg.train.total_steps if until is None else until
         self.callback = callback if callback is None or isinstance(callback, Callback) else FunctionCallback(callback)
-        bar = tqdm(total=self._total(), initial=self._progress(), disable=not self.cfg.progress,
+        bar = tqdm(total=self._total(), initial=self._progress(), disable=not (self.cfg.progress and self.group.main),
                    desc=f"{self.cfg.env.name}/{self.cfg.agent.name} s{self.cfg.seed}",
                    unit="update" if self.cfg.reward_free.enabled and self.learner.updates else "step")
         self.start_time, self.start_progress = time.perf_counter(), self._progress()
         self.start_steps, self.eval_seconds = self.loop.env_steps, 0.0
         self.part_seconds.clear()
         self._last_rate = (self.start_time, self.start_progress, self.eval_seconds)
-        self._stop_requested = False
+        self._stop_requested = self._stop_agreed = False
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._request_stop) if main_thread else None
+        # torchrun passes Ctrl-C on to its workers as SIGTERM: a rank stops on either, with a checkpoint.
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if self.group.distributed else []) if main_thread else []
+        previous = {number: signal.signal(number, self._request_stop) for number in signals}
         try:
             if self.cfg.reward_free.enabled:
                 self._reward_free(bar)
@@ -211,11 +231,14 @@ class Trainer:
             self.save()
         except KeyboardInterrupt:
             self.save()
-            tqdm.write(f"interrupted at {self.position()}; resume with: ami train --resume {self.run_dir}")
+            if self.group.main:
+                launcher = f"torchrun --nproc-per-node {self.group.world_size} -m ami.cli" if self.group.distributed \
+                    else "ami"
+                tqdm.write(f"interrupted at {self.position()}; resume with: {launcher} train --resume {self.group_dir}")
             raise
         finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             bar.close()
             if close:
                 self.close()
@@ -226,17 +249,19 @@ class Trainer:
     def _request_stop(self, signum: int, frame: object) -> None:
         """Ctrl-C: stop after the current step, between updates, so the checkpoint is whole (raised from deep in
         torch's C++ calls, a KeyboardInterrupt can also be lost). A second Ctrl-C stops at once."""
-        if self._stop_requested:
+        if self._stop_requested and not self.group.distributed:  # a group's ranks stop together or not at all
             raise KeyboardInterrupt
         self._stop_requested = True
 
     def _check_stop(self) -> None:
-        if self._stop_requested:
+        if self._stop_agreed if self.group.distributed else self._stop_requested:
             raise KeyboardInterrupt
 
     def close(self) -> None:
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         self.loop.envs.close()
+        self.group.close()
 
     def position(self) -> str:
         """Where the run stands: "step N" (env steps), or a reward-free run past its collection "update N"."""
@@ -261,32 +286,35 @@ class Trainer:
             before = self.loop.env_steps
             step = self.env_step(random=before < train.seed_steps)
             after = self.loop.env_steps
-            if self.callback is not None and step.action.plan is not None:  # else every env only reset
-                stop = self.callback.on_step(self, step) is False
-                stop = any([self.callback.on_episode(self, episode) is False for episode in step.finished]) or stop
+            if self.callback is not None:
+                if step.action.plan is not None:  # else every env only reset
+                    stop = self.callback.on_step(self, step) is False
+                    stop = any([self.callback.on_episode(self, episode) is False for episode in step.finished]) \
+                        or stop
+                stop = self.group.any(stop)
             self.last_return = self.episode_log.last_return
             stats: dict = {}
             start = time.perf_counter()
             if before < train.seed_steps <= after:
                 for _ in range(train.pretrain_updates):
                     stats = self.learner.update()
-            if after > train.seed_steps:
+            if after > train.seed_steps:  # in a group, per env step of each rank
                 self.update_credit += (after - max(before, train.seed_steps)) * train.updates_per_round \
-                    / train.update_every
+                    / (train.update_every * self.group.world_size)
                 while self.update_credit >= 1:
                     stats = self.learner.update()
                     self.update_credit -= 1
             self.part_seconds["update"] += time.perf_counter() - start
             if crossed(before, after, train.log_every):
                 self._log_window(stats, bar)
-            if crossed(before, after, train.eval_every):
+            if crossed(before, after, train.eval_every) and self.group.main:
                 self.run_eval()
             if crossed(before, after, train.checkpoint_every) and self.checkpoint_due is None:
                 self.checkpoint_due = after
             # Once every episode has ended, so that the resumed run is this one; or, where episodes never end
             # together, checkpoint_every steps later (a resumed run then closes the running ones as truncated).
-            if self.checkpoint_due is not None and (self.loop.between_episodes or after - self.checkpoint_due
-                                                    >= train.checkpoint_every):
+            if self.checkpoint_due is not None and (self.group.all(self.loop.between_episodes)
+                                                    or after - self.checkpoint_due >= train.checkpoint_every):
                 self.save()
             bar.update(after - before)
 
@@ -352,6 +380,10 @@ class Trainer:
         return (progress - before) / max(now - then - (self.eval_seconds - eval_before), 1e-9)
 
     def _log_window(self, stats: dict, bar: tqdm) -> None:
+        if self.logger is None:  # a rank other than 0: rank 0 logs for the group
+            self.window.clear()
+            self.agent.repairs.take()
+            return
         step = self.loop.env_steps
         self.logger.scalar("charts/sps", self._current_rate(), step)
         self.logger.scalars(stats, step)
@@ -406,6 +438,7 @@ class Trainer:
                      "mid_episode": torch.as_tensor(agent.memory.open.clone()),
                      **dict(zip(("obs", "vector"), storable_observation(loop.obs), strict=True))},
             "trainer": {"update_credit": self.update_credit, "checkpoint_due": self.checkpoint_due,
+                        "world_size": self.group.world_size,
                         "window": dict(self.window), "episode_log": self.episode_log.state_dict()},
             "rng": {"python": random.getstate(), "numpy": runlog.numpy_rng_state(),
                     "torch": torch.get_rng_state(), "plan": self.plan_generator.get_state(),
@@ -418,6 +451,15 @@ class Trainer:
 
     def load(self) -> None:
         state, path = load_checkpoint(self.run_dir)
+        saved_size, group = state["trainer"].get("world_size", 1), self.group
+        if saved_size != group.world_size:
+            raise CheckpointError(f"{path}: the run was trained by {saved_size} process(es); resume it with as "
+                                  f"many (torchrun --nproc-per-node {saved_size}), not {group.world_size}")
+        steps = int(state["loop"]["env_steps"])
+        if group.distributed and not group.all(steps == group.broadcast(steps)):
+            raise CheckpointError(f"{path}: rank {group.rank}'s checkpoint is at env step {steps}, another rank's "
+                                  "is not (a rank stopped while the group saved); resume from a copy of an earlier "
+                                  "run directory")
         load_agent_state(self.agent, state, path, self.cfg)
         self.learner.load_state_dict(state["learner"])
         self.agent.memory.load_state_dict(state["memory"])

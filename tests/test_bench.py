@@ -43,8 +43,9 @@ def _control(tmp_path, vs, *extra):
     out = tmp_path / "control"
     result = subprocess.run(
         [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
-         "train.pretrain_updates=20", "--steps", "200", "--seeds", "0", "1", "--eval-every", "100",
-         "--episodes", "2", "--vs", vs, "--threshold", "-2000", "--no-progress", "--out", str(out), *extra],
+         "train.pretrain_updates=20", "env.max_episode_steps=50", "--steps", "200", "--seeds", "0", "1",
+         "--eval-every", "100", "--episodes", "2", "--vs", vs, "--threshold", "-2000", "--no-progress",
+         "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return out, result.stdout
@@ -84,6 +85,25 @@ def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, extra):
     png = (out / "learning_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bench_control_sets_one_process_beside_a_torchrun_group(tmp_path):
+    out = tmp_path / "procs"
+    result = subprocess.run(
+        [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=60",
+         "train.pretrain_updates=10", "env.max_episode_steps=50", "--steps", "100", "--seeds", "0", "--eval-every",
+         "100", "--episodes", "2", "--procs", "2", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["method"], int(r["step"])) for r in rows) == [("ami", 100), ("ami_2procs", 100)]
+    # The group's run: rank 0's evaluation, rank 1's own checkpoint, the group's speed.
+    group = out / "ami_2procs_s0"
+    evals = list(csv.DictReader((group / "eval.csv").open()))
+    (pair,) = [r for r in rows if r["method"] == "ami_2procs"]
+    assert float(pair["return_mean"]) == pytest.approx(float(evals[0]["return_mean"]), abs=0.06)  # as written
+    assert (group / "ranks" / "1" / "checkpoints" / "latest.pt").is_file()
+    assert float(pair["steps_per_s"]) > 0 and f"{'ami':>20s} {'ami_2procs':>20s}" in result.stdout
 
 
 def test_bench_control_names_a_bad_peer_override(tmp_path):

@@ -23,11 +23,13 @@ def blocks(page: Path, language: str) -> list[str]:
 
 
 def commands(page: Path) -> list[str]:
-    """The `ami ...` lines of a page's bash blocks, continuation lines joined, comments dropped."""
+    """The `ami ...` lines of a page's bash blocks (`torchrun ... -m ami.cli ...` ones as `ami ...`), continuation
+    lines joined, comments dropped."""
     found = []
     for block in blocks(page, "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.split(r"\s+#\s", line)[0].strip()
+            line = re.sub(r"^torchrun .*?-m ami\.cli ", "ami ", line)
             found += [part.strip() for part in line.split("&&") if part.strip().startswith("ami ")]
     return found
 

@@ -1,9 +1,14 @@
-"""`ami bench control`: sample efficiency of ami against a peer (SAC), a second planner (MPPI) or another setting
-of itself (any overrides), same env, same seeds, same evaluation starts, side by side in one run."""
+"""`ami bench control`: sample efficiency of ami against a peer (SAC), a second planner (MPPI), another setting
+of itself (any overrides) or itself in N processes (torchrun), same env, same seeds, same evaluation starts, side
+by side in one run."""
 
 from __future__ import annotations
 
 import csv
+import os
+import pickle
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ami.bench.parallel import run_jobs
-from ami.config import load_config
+from ami.config import load_config, load_saved
 from ami.envs import make_env
 from ami.evaluate import EvalResult, run_episodes
 from ami.train import Trainer
@@ -52,6 +57,8 @@ def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
         torch.set_num_threads(cfg.threads)
     trainer = Trainer(cfg, run_dir)
     result = trainer.train()
+    if not trainer.group.main:  # in a torchrun group, rank 0 evaluates and reports
+        return []
     times = trainer.plan_times_ms
     plan_ms, plan_ms_mean = (float(np.median(times)), float(np.mean(times))) if times else (float("nan"),) * 2
     sps = trainer.loop.env_steps / max(result["train_seconds"] - trainer.eval_seconds, 1e-9)
@@ -65,6 +72,17 @@ def run_ami(cfg: DictConfig, run_dir: Path, label: str) -> list[Point]:
             points.append(Point(label, cfg.seed, int(row["step"]), EvalResult(returns, zeros, zeros, zeros),
                                 plan_ms, plan_ms_mean, sps, mode1, split))
     return points
+
+
+def run_group(cfg: DictConfig, run_dir: Path, label: str, procs: int) -> list[Point]:
+    """run_ami in `procs` processes started by torchrun on this machine; rank 0 hands back the points in a file.
+    The group's env steps count as the run's (train.total_steps is the group's)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config, points = run_dir.with_name(f"{run_dir.name}.yaml"), run_dir.with_name(f"{run_dir.name}.points")
+    OmegaConf.save(cfg, config, resolve=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+                    "-m", "ami.bench.control", str(config), str(run_dir), label, str(points)], check=True)
+    return pickle.loads(points.read_bytes())
 
 
 def run_sac(cfg: DictConfig, progress: bool) -> list[Point]:
@@ -94,11 +112,13 @@ def run_sac(cfg: DictConfig, progress: bool) -> list[Point]:
     return points
 
 
-def run_job(method: str, cfg: DictConfig, out_dir: Path, progress: bool) -> list[Point]:
-    """One method on one seed; module-level so that worker processes can run it."""
+def run_job(method: str, cfg: DictConfig, out_dir: Path, progress: bool, procs: int = 1) -> list[Point]:
+    """One method on one seed (in `procs` processes); module-level so that worker processes can run it."""
     print(f"== seed {cfg.seed}: {method}", flush=True)
     if method == "sac":
         return run_sac(cfg, progress)
+    if procs > 1:
+        return run_group(cfg, out_dir / f"{method}_s{cfg.seed}", method, procs)
     name = method if method in ("ami", "mppi") else "peer"
     return run_ami(cfg, out_dir / f"{name}_s{cfg.seed}", method)
 
@@ -176,22 +196,26 @@ def plot(points: list[Point], methods: list[str], path: Path, title: str) -> Non
 def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episodes: int,
         threshold: float | None, overrides: list[str], out_dir: Path, progress: bool,
         oracle: bool, mppi_budget: tuple[int, int] = (256, 6), peer_steps: int | None = None,
-        jobs: int = 1) -> list[Point]:
+        jobs: int = 1, procs: int | None = None) -> list[Point]:
     """vs: "sac", "mppi", "none", or overrides key=value[,key=value] that make ami's peer (the same agent with
     train.num_envs=1, say). mppi_budget: (candidates, iterations) of the MPPI run. peer_steps: the peer's env-step
-    budget when it differs from ami's (a model-free peer's longer run). jobs: runs at once, in processes."""
+    budget when it differs from ami's (a model-free peer's longer run). jobs: runs at once, in processes.
+    procs: the peer is the same ami in this many processes under torchrun (vs is then its label)."""
+    if procs is not None:
+        vs = f"ami_{procs}procs"
     from torch.utils.tensorboard import SummaryWriter
 
     common = [f"env={env}", f"train.eval_every={eval_every}", f"train.eval_episodes={episodes}",
               f"progress={str(progress and jobs <= 1).lower()}", f"runs_dir={out_dir}", *overrides]
     base = [*common, f"train.total_steps={steps}"]
-    peer_base = [*common, f"train.total_steps={peer_steps or steps}", *(peer_overrides(vs, mppi_budget) or [])]
+    peer_base = [*common, f"train.total_steps={peer_steps or steps}",
+                 *((peer_overrides(vs, mppi_budget) or []) if procs is None else [])]
     methods = ["ami", vs] if vs != "none" else ["ami"]
     calls = []
     for seed in seeds:
         calls.append(("ami", load_config([*base, f"seed={seed}"]), out_dir, progress and jobs <= 1))
         if vs != "none":
-            calls.append((vs, load_config([*peer_base, f"seed={seed}"]), out_dir, progress and jobs <= 1))
+            calls.append((vs, load_config([*peer_base, f"seed={seed}"]), out_dir, progress and jobs <= 1, procs or 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     points = [p for result in run_jobs(run_job, calls, jobs, "runs", progress and jobs > 1) for p in result]
     cfg = load_config(base)
@@ -243,3 +267,12 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
     plot(points, methods, out_dir / "learning_curve.png", f"{cfg.env.id}: ami vs {vs}")
     print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'learning_curve.png'}, {out_dir / 'tensorboard'}")
     return points
+
+
+if __name__ == "__main__":  # one rank of run_group's torchrun: CONFIG RUN_DIR LABEL POINTS
+    from ami.bench import control  # its Point, not this __main__'s, is the one run_group unpickles
+
+    config_path, run_dir, label, points_path = sys.argv[1:5]
+    result = control.run_ami(load_saved(config_path), Path(run_dir), label)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(points_path).write_bytes(pickle.dumps(result))
