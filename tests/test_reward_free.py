@@ -29,11 +29,15 @@ UNREGULARISED = ["agent.world_model.variance_weight=0", "agent.world_model.covar
 JOINT_UPDATES, PREDICTOR_UPDATES = 600, 1000
 
 
-def make_trainer(path, *overrides, updates=0, base=TINY):
-    """A reward-free Trainer with its dataset collected, its probe frames drawn, and `updates` joint updates."""
+def make_trainer(path, *overrides, updates=0, base=TINY, data=None):
+    """A reward-free Trainer with its dataset collected (or `data`'s memory, another trainer's, copied), its probe
+    frames drawn, and `updates` joint updates."""
     cfg = load_config([*base, f"runs_dir={path}", f"reward_free.updates={max(updates, 1)}", *overrides])
     trainer = Trainer(cfg, path / "run")
-    trainer.collect_dataset()
+    if data is None:
+        trainer.collect_dataset()
+    else:
+        trainer.agent.memory.load_state_dict(data.agent.memory.state_dict())
     trainer.probe_frames, trainer.probe_positions = probe_set(cfg, cfg.reward_free.probe_frames)
     batch = trainer.agent.memory.sample_sequences(256, 2 * cfg.agent.world_model.rollout_horizon,
                                                   torch.Generator().manual_seed(7))
@@ -123,10 +127,10 @@ def test_a_dataset_that_does_not_fit_stops_before_overwriting_any_of_it(tmp_path
 def test_regularised_jepa_keeps_its_rank_and_unregularised_collapses(tmp_path):
     """On the flattened conv features (not the keypoints, whose latent starts near a point), the prediction
     loss alone shrinks the latent to a point; the anti-collapse terms spread it over many directions."""
-    ranks, spread = {}, {}
+    ranks, spread, data = {}, {}, None
     for name, overrides in [("regularised", []), ("unregularised", UNREGULARISED)]:
         torch.manual_seed(0)
-        trainer = make_trainer(tmp_path / name, "agent.perception.keypoints_only=false", *overrides)
+        trainer = data = make_trainer(tmp_path / name, "agent.perception.keypoints_only=false", *overrides, data=data)
         initial = encode(trainer.agent.perception, trainer.probe_frames).std(0).mean()
         for _ in range(150):
             trainer.learner.update()
@@ -178,9 +182,11 @@ def test_cli_trains_resumes_logs_latent_health_and_benchmarks_planners(tmp_path)
     import subprocess
     import sys
 
+    # 40-step episodes and 20-step plans: the goal bench below runs its episodes on this run's config.
     tiny = [*TINY, "progress=false", f"runs_dir={tmp_path}", "reward_free.transitions=5000",
-            "agent.memory.capacity=5600", "reward_free.probe_frames=300", "reward_free.log_every=10",
-            "reward_free.picture_every=20", "reward_free.checkpoint_every=10", "reward_free.predictor_updates=0"]
+            "agent.memory.capacity=5800", "reward_free.probe_frames=300", "reward_free.log_every=10",
+            "reward_free.picture_every=20", "reward_free.checkpoint_every=10", "reward_free.predictor_updates=0",
+            "env.max_episode_steps=40", "agent.actor.horizon=20"]
     ami = [sys.executable, "-m", "ami.cli"]
     first = subprocess.run([*ami, "train", *tiny, "reward_free.updates=20"], capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
