@@ -193,6 +193,8 @@ def describe(trainer: Trainer) -> str:
     planning = f"planner: {actor.config.planner}, {trainer.loop.num_envs} env(s) planned as one batch"
     if actor.energy.compiled:
         planning += "; torch.compile'd (each new batch size compiles on first use: about a minute cold)"
+    if trainer.cfg.agent.learner.compile:
+        planning += "\nlearner: each update's losses and their backward torch.compile'd (compiled on the first update)"
     shield = trainer.agent.shield
     if shield.active:
         checks = ["ego model " + trainer.cfg.agent.shield.ego.kind] if shield.ego is not None else []

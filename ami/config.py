@@ -265,6 +265,13 @@ class ShieldConfig:
 
 
 @dataclass
+class LearnerConfig:
+    # torch.compile each update's losses with their backward (world model with perception, critic, policy; the
+    # reward-free predictor and goal critic): one graph per loss and batch shape, compiled on the first update.
+    compile: bool = False
+
+
+@dataclass
 class AgentConfig:
     name: str = "ami"
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
@@ -274,6 +281,7 @@ class AgentConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     configurator: ConfiguratorConfig = field(default_factory=ConfiguratorConfig)
     shield: ShieldConfig = field(default_factory=ShieldConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
 
 
 @dataclass

@@ -4,6 +4,8 @@ encoder's latents of a reward-free dataset, the predictor alone and the goal cri
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,12 +45,24 @@ def hindsight_goals(index: torch.Tensor, first: torch.Tensor, last: torch.Tensor
     return torch.where(kind < 0.2, index, torch.where(kind < 0.7, future, anywhere))
 
 
+def imitation_error(policy: nn.Module, states: torch.Tensor, plan_actions: torch.Tensor,
+                    planned: torch.Tensor) -> torch.Tensor:
+    """states: (K + 1, B, D), plan_actions: (K, B, A), planned: (K, B) True where Mode-2 planned the step ->
+    the policy's summed squared error on the planned steps (a mask, not a selection: one shape for a compiled
+    graph whatever the count)."""
+    squared = (policy(states[:-1]) - plan_actions).pow(2).sum(-1)
+    return (squared * planned).sum()
+
+
 class Learner:
     """Each update samples from memory and steps one optimiser per trained part.
 
     The intrinsic cost is read, never trained: it has no parameters to give an optimiser. In a group of
     processes (ami.distributed) the world model's, critic's and policy's losses run through
     DistributedDataParallel: each rank's batch is its own memory's, and the gradients stepped are the group's mean.
+    With agent.learner.compile each loss and its backward run as compiled graphs. An update reads the host twice
+    (the group's count of planned steps, and one finiteness check of every loss and gradient norm); the figures
+    it returns stay tensors until logged.
     """
 
     def __init__(self, agent: Agent, config: AgentConfig, reward_free: RewardFreeConfig, seed: int,
@@ -57,10 +71,16 @@ class Learner:
         self.config = config
         self.reward_free = reward_free
         self.group = Group() if group is None else group
-        self.world_model_loss = self.group.objective(agent.world_model.loss, perception=agent.perception,
+        def compiled(function: Callable[..., Any]) -> Callable[..., Any]:
+            # One whole graph per loss and batch shape: a graph break would be an error, not a silent split.
+            return torch.compile(function, dynamic=False, fullgraph=True) if config.learner.compile else function
+
+        self.world_model_loss = self.group.objective(compiled(agent.world_model.loss), perception=agent.perception,
                                                      world_model=agent.world_model)
-        self.critic_loss = self.group.objective(agent.cost.critic.loss, critic=agent.cost.critic)
-        self.policy = self.group.objective(agent.actor.policy, policy=agent.actor.policy)
+        self.critic_loss = self.group.objective(compiled(agent.cost.critic.loss), critic=agent.cost.critic)
+        self.imitation_error = self.group.objective(compiled(imitation_error), policy=agent.actor.policy)
+        self.prediction_loss = compiled(agent.world_model.prediction_loss)
+        self.goal_critic_loss = None if agent.cost.goal_critic is None else compiled(agent.cost.goal_critic.loss)
         lr = config.world_model.lr
         self.optimisers: dict[str, torch.optim.Optimizer] = {
             "world_model": torch.optim.Adam([*agent.perception.encoder.parameters(),
@@ -75,30 +95,43 @@ class Learner:
         self.generator = torch.Generator().manual_seed(seed)
         self.updates = 0  # every update of every kind
 
-    def _step(self, name: str, loss: torch.Tensor, clip: float) -> float:
-        """Backpropagate loss into optimiser `name` and step it; a non-finite loss or gradient stops the run
-        before any parameter moves."""
-        finite = bool(torch.isfinite(loss))
+    def _step(self, losses: dict[str, tuple[torch.Tensor, float]]) -> dict[str, torch.Tensor]:
+        """Backpropagate each loss into its optimiser (name -> (loss, gradient clip)), clip and step them all; a
+        non-finite loss or gradient norm anywhere in the group stops the run before any parameter moves. The losses
+        train disjoint parameters from detached inputs, so one backward of their sum is each one's own.
+        -> the gradient norms before clipping, by name."""
+        params = {name: [p for group in self.optimisers[name].param_groups for p in group["params"]]
+                  for name in losses}
+        for name in losses:
+            self.optimisers[name].zero_grad(set_to_none=True)
+        sum(loss for loss, _ in losses.values()).backward()
+        norms = {name: nn.utils.clip_grad_norm_(params[name], clip) for name, (_, clip) in losses.items()}
+        checked = torch.stack([*(loss.detach() for loss, _ in losses.values()), *norms.values()])
+        finite = bool(torch.isfinite(checked).all())  # the one read of the host
         if not self.group.all(finite):  # every rank stops, or none
-            value = f"not finite on another rank (here {loss.item()})" if finite else loss.item()
-            raise NonFiniteLossError(f"the {name} loss is {value} at update {self.updates + 1}; no parameter was "
-                                     "changed and the last checkpoint is kept")
-        optimiser = self.optimisers[name]
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in optimiser.param_groups for p in group["params"]]
-        norm = float(nn.utils.clip_grad_norm_(params, clip))
-        if not math.isfinite(norm):
-            optimiser.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"the {name} gradient norm is {norm} at update {self.updates + 1}; no "
-                                     "parameter was changed and the last checkpoint is kept")
-        optimiser.step()
-        return norm
+            for name in losses:
+                self.optimisers[name].zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self._non_finite(losses, norms, finite))
+        for name in losses:
+            self.optimisers[name].step()
+        return norms
+
+    def _non_finite(self, losses: dict[str, tuple[torch.Tensor, float]], norms: dict[str, torch.Tensor],
+                    finite: bool) -> str:
+        """The first non-finite loss or gradient norm, by name and value (or that another rank had one)."""
+        kept = "no parameter was changed and the last checkpoint is kept"
+        if finite:
+            return f"a loss or gradient was not finite on another rank at update {self.updates + 1}; {kept}"
+        for name, (loss, _) in losses.items():
+            if not torch.isfinite(loss):
+                return f"the {name} loss is {loss.item()} at update {self.updates + 1}; {kept}"
+        name, norm = next((name, norm) for name, norm in norms.items() if not torch.isfinite(norm))
+        return f"the {name} gradient norm is {norm.item()} at update {self.updates + 1}; {kept}"
 
     def update(self, batch: SequenceBatch | None = None) -> dict[str, float | torch.Tensor | None]:
         """One joint update: world model and encoder on a batch of stored sequences (default: sampled from
         memory); on the same encodings, the critic (when the cost has terms) and the policy (on the steps Mode-2
-        planned)."""
+        planned). Every loss is computed before any parameter moves."""
         agent, cfg = self.agent, self.config
         device = agent.device
         if batch is None:
@@ -107,23 +140,21 @@ class Learner:
         obs, actions = batch.obs.to(device), batch.actions.to(device)
         vector = None if batch.vector is None else batch.vector.to(device)
         wm_losses, states = self.world_model_loss(agent.perception, obs, actions, vector)
-        stats: dict[str, float | torch.Tensor | None] = {
-            "world_model/loss": wm_losses.total.item(),
-            "world_model/prediction_loss": wm_losses.prediction.item(),
-            "world_model/prediction_loss_by_horizon": wm_losses.prediction_by_horizon,
-            "world_model/readout_loss": wm_losses.readout.item(),
-            "world_model/variance_loss": wm_losses.variance.item(),
-            "world_model/covariance_loss": wm_losses.covariance.item(),
-            "world_model/latent_std": wm_losses.latent_std}
         wm = cfg.world_model
+        losses = {"world_model": (wm_losses.total, wm.grad_clip)}
+        stats: dict[str, float | torch.Tensor | None] = {
+            "world_model/loss": wm_losses.total.detach(),
+            "world_model/prediction_loss": wm_losses.prediction,
+            "world_model/prediction_loss_by_horizon": wm_losses.prediction_by_horizon,
+            "world_model/readout_loss": wm_losses.readout,
+            "world_model/variance_loss": wm_losses.variance,
+            "world_model/covariance_loss": wm_losses.covariance,
+            "world_model/latent_std": wm_losses.latent_std}
         for name, weight, value in (("inverse_dynamics", wm.inverse_dynamics_weight, wm_losses.inverse_dynamics),
                                     ("smoothness", wm.smoothness_weight, wm_losses.smoothness),
                                     ("temporal_variance", wm.temporal_variance_weight, wm_losses.temporal_variance)):
             if weight:
-                stats[f"world_model/{name}_loss"] = value.item()
-        stats["world_model/grad_norm"] = self._step("world_model", wm_losses.total, wm.grad_clip)
-        agent.perception.update_target()
-        agent.world_model_trained = True
+                stats[f"world_model/{name}_loss"] = value
 
         intrinsic = agent.cost.intrinsic
         if intrinsic.term_names:
@@ -131,20 +162,24 @@ class Learner:
             measured = (terms * intrinsic.mask("measured", device)).sum(-1)
             critic_loss, critic_stats = self.critic_loss(states, actions, terms.sum(-1), measured,
                                                          batch.terminated.to(device))
-            self._step("critic", critic_loss, cfg.cost.grad_clip)
-            agent.cost.critic.update_target()
+            losses["critic"] = (critic_loss, cfg.cost.grad_clip)
             stats.update({f"cost/critic/{key}": value for key, value in critic_stats.items()})
 
         planned = batch.planned.to(device)
         stats["actor/policy_imitation_loss"] = None
         planned_rows = self.group.sum([float(planned.sum())])[0]  # over the group: a rank may have none
         if planned_rows:
-            target = batch.plan_actions.to(device)[planned]
+            target = batch.plan_actions.to(device)
             # The mean over the group's planned steps: DDP averages the ranks' gradients, hence world_size.
-            squared = (self.policy(states[:-1][planned]) - target).pow(2).sum()
+            squared = self.imitation_error(agent.actor.policy, states, target, planned)
             imitation = squared * self.group.world_size / (planned_rows * target.shape[-1])
-            self._step("policy", imitation, 10.0)
-            stats["actor/policy_imitation_loss"] = imitation.item()
+            losses["policy"] = (imitation, 10.0)
+            stats["actor/policy_imitation_loss"] = imitation.detach()
+        stats["world_model/grad_norm"] = self._step(losses)["world_model"]
+        agent.perception.update_target()
+        if "critic" in losses:
+            agent.cost.critic.update_target()
+        agent.world_model_trained = True
         self.updates += 1
         return stats
 
@@ -155,11 +190,11 @@ class Learner:
         idx = agent.memory.sample_indices(rf.predictor_batch_size, rf.predictor_horizon, self.generator)
         states = latents[idx].to(agent.device)  # (K + 1, B, D)
         actions = agent.memory.action.flatten(0, 1)[idx[:-1]].to(agent.device)
-        _, loss, by_horizon = agent.world_model.prediction_loss(states[0], actions, states[1:])
-        grad_norm = self._step("predictor", loss, self.config.world_model.grad_clip)
+        _, loss, by_horizon = self.prediction_loss(states[0], actions, states[1:])
+        grad_norm = self._step({"predictor": (loss, self.config.world_model.grad_clip)})["predictor"]
         self.updates += 1
-        return {"world_model/prediction_loss": loss.item(), "world_model/prediction_loss_by_horizon": by_horizon,
-                "world_model/grad_norm": grad_norm}
+        return {"world_model/prediction_loss": loss.detach(),
+                "world_model/prediction_loss_by_horizon": by_horizon.detach(), "world_model/grad_norm": grad_norm}
 
     def goal_critic_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stored rows in time order (N,) flat indices, their episodes' first and last positions (N,) each,
@@ -173,7 +208,8 @@ class Learner:
         return order, first, last, follows.nonzero().squeeze(1)
 
     def update_goal_critic(self, latents: torch.Tensor,
-                           data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, float]:
+                           data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+                           ) -> dict[str, torch.Tensor]:
         """One goal-critic update on a frozen encoder's latents (rows, D), each transition s_t -> s_t+1 with a
         hindsight goal from its own episode. data: goal_critic_data()."""
         agent, goal_config = self.agent, self.config.cost.goal
@@ -182,8 +218,8 @@ class Learner:
                                              generator=self.generator)]
         goal = hindsight_goals(position, first, last, goal_config.critic_discount, self.generator)
         states, next_states, goals = (latents[order[p]].to(agent.device) for p in (position, position + 1, goal))
-        loss, stats = agent.cost.goal_critic.loss(states, next_states, goals, (goal == position).to(agent.device))
-        self._step("goal_critic", loss, float("inf"))
+        loss, stats = self.goal_critic_loss(states, next_states, goals, (goal == position).to(agent.device))
+        self._step({"goal_critic": (loss, float("inf"))})
         agent.cost.goal_critic.update_target()
         agent.cost.goal_critic.trained.fill_(True)
         self.updates += 1

@@ -348,21 +348,21 @@ class TrainableCritic(nn.Module):
         return self.step_head(torch.cat([states, actions], dim=-1)).squeeze(-1)
 
     def loss(self, states: torch.Tensor, actions: torch.Tensor, total_costs: torch.Tensor,
-             measured_costs: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """states: (L + 1, B, D) detached latents; actions: (L, B, A); costs, terminated: (L, B).
+             measured_costs: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """states: (L + 1, B, D) detached latents; actions: (L, B, A); costs, terminated: (L, B). -> (the loss, its
+        parts as detached scalars: read when logged, so that computing them waits for nothing).
 
         With discount 1 an episode that never terminates has no finite cost-to-go: the value head is not
         trained then (and cannot price plans: the configuration requires value_weight 0), the step head is."""
         step_loss = (self.step_cost(states[:-1], actions) - measured_costs).pow(2).mean()
         if self.config.discount >= 1.0:
-            return step_loss, {"step_loss": step_loss.item()}
+            return step_loss, {"step_loss": step_loss.detach()}
         with torch.no_grad():
             bootstrap = self.target_value_head(states[-1]).squeeze(-1)
             terminal_value = self.config.termination_cost / (1.0 - self.config.discount)
             targets = value_targets(total_costs, terminated, bootstrap, self.config.discount, terminal_value)
         value_loss = (self.value(states[:-1]) - targets).pow(2).mean()
-        stats = {"value_loss": value_loss.item(), "step_loss": step_loss.item(),
-                 "value_mean": targets.mean().item()}
+        stats = {"value_loss": value_loss.detach(), "step_loss": step_loss.detach(), "value_mean": targets.mean()}
         return value_loss + step_loss, stats
 
     def update_target(self) -> None:
@@ -400,8 +400,9 @@ class GoalCritic(nn.Module):
         return nn.functional.softplus(self._logit(self.net, states, goal)) / -math.log(self.config.critic_discount)
 
     def loss(self, states: torch.Tensor, next_states: torch.Tensor, goals: torch.Tensor,
-             reached: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """states, next_states, goals: (B, D) detached latents; reached: (B,) True where the goal is the state."""
+             reached: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """states, next_states, goals: (B, D) detached latents; reached: (B,) True where the goal is the state.
+        -> (the loss, detached scalars to log)."""
         with torch.no_grad():
             next_reach = torch.sigmoid(-self._logit(self.target_net, next_states, goals))
             target = torch.where(reached, torch.ones_like(next_reach), self.config.critic_discount * next_reach)
@@ -410,7 +411,7 @@ class GoalCritic(nn.Module):
         tau = self.config.critic_expectile
         loss = (torch.where(error > 0, tau, 1 - tau) * error.pow(2)).mean()
         steps = torch.log(reach.detach().clamp_min(1e-6)) / math.log(self.config.critic_discount)
-        return loss, {"goal_critic_loss": loss.item(), "goal_critic_steps_mean": steps.mean().item()}
+        return loss, {"goal_critic_loss": loss.detach(), "goal_critic_steps_mean": steps.mean()}
 
     def update_target(self) -> None:
         soft_update(self.target_net, self.net, self.config.critic_tau)

@@ -46,7 +46,8 @@ class RunningNorm(nn.Module):
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)
-        return (x - self.mean.float()) / self.std if self.count >= 2 else x
+        # A select, not a branch on the count: a compiled graph then reads the count instead of breaking on it.
+        return torch.where(self.count >= 2, (x - self.mean.float()) / self.std, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Clamped even before statistics exist: one wild observation must not overflow the encoder.

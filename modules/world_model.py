@@ -154,7 +154,8 @@ class WorldModel(nn.Module):
             # Readout on the encoder's state and on every imagined one, scaled per quantity so that no
             # observation unit dominates.
             quantities = obs if vector is None else vector
-            scale = perception.normalizer.std if perception.normalizer.count >= 2 else torch.ones_like(quantities[0, 0])
+            normalizer = perception.normalizer
+            scale = torch.where(normalizer.count >= 2, normalizer.std, torch.ones_like(normalizer.std))
             readout = ((self.readout(predicted) - quantities) / scale).pow(2).mean()
         variance, covariance, std = variance_covariance(online.flatten(0, 1))
         inverse = smoothness = temporal = zero

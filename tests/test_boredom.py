@@ -14,7 +14,7 @@ from ami.goals import batched
 from modules.cost import boredom
 from modules.memory import EpisodeTrail
 
-TINY_TWO_ROOMS = ["env=two_rooms", "agent.actor.compile=false", "agent.actor.horizon=6",
+TINY_TWO_ROOMS = ["env=two_rooms", "agent.actor.compile=false", "agent.learner.compile=false", "agent.actor.horizon=6",
                   "agent.actor.screen_samples=0", "agent.memory.capacity=10", "agent.perception.conv_channels=4",
                   "agent.memory.trail_capacity=5", "agent.memory.trail_every=1"]
 

@@ -87,6 +87,7 @@ def test_a_checkpoint_of_another_schema_is_refused_by_name(tmp_path):
 
 def test_a_reward_free_run_records_its_guardrails_and_shield_and_loading_checks_them(tmp_path):
     cfg = load_config(["env=two_rooms", "progress=false", f"runs_dir={tmp_path}", "agent.actor.compile=false",
+                       "agent.learner.compile=false",
                        "reward_free.transitions=400", "agent.memory.capacity=800", "train.num_envs=4",
                        "reward_free.updates=2", "reward_free.predictor_updates=2", "reward_free.probe_frames=50",
                        "reward_free.log_every=2",

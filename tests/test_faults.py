@@ -46,7 +46,8 @@ def test_the_agent_trainer_and_videos_take_dict_observations(tmp_path):
     """TwoRooms observes {"image", "goal"}: the agent trainer (not the reward-free one) learns from it, and an
     evaluation video of it is written."""
     cfg = load_config(["env=two_rooms", *TINY, f"runs_dir={tmp_path}", "reward_free.enabled=false",
-                       "agent.actor.compile=false", "agent.actor.horizon=5", "agent.actor.screen_samples=0",
+                       "agent.actor.compile=false",
+                       "agent.learner.compile=false", "agent.actor.horizon=5", "agent.actor.screen_samples=0",
                        "agent.memory.capacity=2000", "agent.perception.conv_channels=4", "train.total_steps=110",
                        "train.num_envs=2"])
     trainer = Trainer(cfg, tmp_path / "run")

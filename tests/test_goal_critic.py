@@ -114,6 +114,7 @@ def test_the_critic_metric_prices_steps_and_needs_a_trained_critic() -> None:
     from ami.envs import make_env
 
     cfg = load_config(["env=two_rooms", "agent.cost.goal.metric=critic", "agent.actor.compile=false",
+                       "agent.learner.compile=false",
                        "agent.actor.horizon=6", "agent.cost.goal.final_weight=3.0", "agent.memory.capacity=10",
                        "agent.perception.conv_channels=4"])
     env = make_env(cfg.env)

@@ -21,6 +21,7 @@ TINY_TRAIN = ["agent=tiny", "device=cuda", "train.total_steps=300", "train.seed_
               "train.pretrain_updates=50", "train.eval_every=200", "train.eval_episodes=2",
               "train.checkpoint_every=100", "train.log_every=50", "progress=false"]
 TINY_REWARD_FREE = ["env=two_rooms", "device=cuda", "progress=false", "agent.actor.compile=false",
+                    "agent.learner.compile=false",
                     "reward_free.transitions=5000", "train.num_envs=8", "agent.memory.capacity=5600",
                     "reward_free.probe_frames=300", "reward_free.log_every=10", "reward_free.picture_every=20",
                     "reward_free.updates=30", "reward_free.predictor_updates=10", "reward_free.critic_updates=10"]

@@ -19,7 +19,8 @@ from modules.perception import ImagePerception
 
 # The preset's model on a quarter of its dataset; TINY shrinks the model for the tests that need no learning.
 SHORT = ["env=two_rooms", "progress=false", "reward_free.transitions=50000", "train.num_envs=8",
-         "reward_free.probe_frames=1000", "agent.memory.capacity=52000", "agent.actor.compile=false"]
+         "reward_free.probe_frames=1000", "agent.memory.capacity=52000", "agent.actor.compile=false",
+         "agent.learner.compile=false"]
 TINY = [*SHORT, "reward_free.transitions=20000", "agent.memory.capacity=21000", "agent.perception.latent_dim=16",
         "agent.perception.conv_channels=8", "agent.perception.hidden_dim=128", "agent.world_model.hidden_dim=128",
         "agent.world_model.batch_size=16", "agent.world_model.rollout_horizon=4"]
@@ -72,7 +73,7 @@ def test_encoder_shapes_for_images_and_dict_observations():
     perception = ImagePerception((64, 64, 3), 4, True, config)
     assert perception(image, torch.randn(5, 4)).shape == (5, 16)
     assert perception.target(image[None].expand(2, -1, -1, -1, -1), torch.randn(2, 5, 4)).shape == (2, 5, 16)
-    cfg = load_config(["env=two_rooms", "agent.actor.compile=false"])
+    cfg = load_config(["env=two_rooms", "agent.actor.compile=false", "agent.learner.compile=false"])
     env = make_env(cfg.env)
     agent = build_agent(OmegaConf.to_object(cfg.agent), env.observation_space, 2, [], torch.device("cpu"))
     obs, _ = env.reset(seed=0)

@@ -1,0 +1,82 @@
+"""The learner's update: compiled graphs take the eager update's steps; nothing moves when any loss is not finite."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ami.config import RewardFreeConfig
+from ami.learner import Learner, NonFiniteLossError
+
+
+def trained_parameters(agent):
+    """Every parameter and buffer an update changes, by name."""
+    modules = {"perception": agent.perception, "world_model": agent.world_model, "critic": agent.cost.critic,
+               "policy": agent.actor.policy}
+    return {f"{part}.{name}": tensor.detach().clone() for part, module in modules.items()
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def batches(agent, count, seed=0):
+    """count batches of stored sequences, half their steps marked as planned so that the policy trains too."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        batch = agent.memory.sample_sequences(32, 3, generator)
+        planned = torch.rand(batch.planned.shape, generator=generator) < 0.5
+        out.append(dataclasses.replace(batch, planned=planned, plan_actions=torch.rand(
+            batch.plan_actions.shape, generator=generator) * 2 - 1))
+    return out
+
+
+def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memory, monkeypatch):
+    """Three joint updates (world model with perception, critic, policy) and one predictor-only update, eager and
+    compiled from the same parameters on the same batches: the same parameters after them, to float rounding, and
+    the figures they return are tensors (read when logged, not inside the update). Each loss is captured whole
+    (fullgraph: a graph break fails) with its backward by AOTAutograd; Inductor's code generation, which costs
+    minutes cold on a 2-core CPU, is left to `ami bench control` runs: aot_eager runs the captured graphs as
+    they are."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compile_(function, backend="aot_eager",
+                                                                                **options))
+    agent, cfg = make_agent(num_envs=2)
+    twin = make_agent(num_envs=2)[0]  # the same seed: the same parameters
+    for one in (agent, twin):
+        fill_memory(one, 60)  # and the same observation statistics
+    compiled_cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, compile=True))
+    eager, compiled = Learner(agent, cfg, RewardFreeConfig(), 0), Learner(twin, compiled_cfg, RewardFreeConfig(), 0)
+    for batch in batches(agent, 3):
+        eager_stats, compiled_stats = eager.update(batch), compiled.update(batch)
+    assert isinstance(compiled_stats["world_model/loss"], torch.Tensor)
+    assert isinstance(compiled_stats["cost/critic/value_loss"], torch.Tensor)
+    for key in ("world_model/loss", "cost/critic/value_loss", "actor/policy_imitation_loss", "world_model/grad_norm"):
+        assert torch.allclose(eager_stats[key], compiled_stats[key], rtol=1e-4), key
+    latents = agent.perception(agent.memory.obs.flatten(0, 1)).detach()
+    eager.update_predictor(latents)
+    compiled.update_predictor(latents)
+    before, after = trained_parameters(agent), trained_parameters(twin)
+    for name, value in before.items():
+        assert torch.allclose(value, after[name], atol=1e-5), name
+    start = make_agent(num_envs=2)[0]  # the same seed: the parameters before any update
+    for part in ("perception", "world_model", "critic", "policy"):
+        module = {"perception": start.perception, "world_model": start.world_model, "critic": start.cost.critic,
+                  "policy": start.actor.policy}[part]
+        assert any(not torch.allclose(value, before[f"{part}.{name}"]) for name, value in module.named_parameters())
+
+
+def test_a_non_finite_critic_loss_stops_the_update_before_any_parameter_moves(make_agent, fill_memory):
+    """The world model's loss is finite and computed first, the critic's is not: neither steps, the update count
+    stays, and the error names the critic."""
+    agent, cfg = make_agent(num_envs=2)
+    fill_memory(agent, 60)
+    learner = Learner(agent, cfg, RewardFreeConfig(), 0)
+    batch = batches(agent, 1)[0]
+    before = trained_parameters(agent)
+    poisoned = dataclasses.replace(batch, cost_terms=torch.full_like(batch.cost_terms, float("nan")))
+    with pytest.raises(NonFiniteLossError, match="the critic loss is nan at update 1; no parameter was changed"):
+        learner.update(poisoned)
+    after = trained_parameters(agent)
+    assert learner.updates == 0 and all(torch.equal(value, after[name]) for name, value in before.items())
+    assert all(p.grad is None for p in agent.world_model.parameters())
+    learner.update(batch)  # the same learner goes on with good data
+    assert learner.updates == 1
