@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     planner.add_argument("overrides", nargs="*", help="config overrides, as for train")
     planner.add_argument("--grid", action="store_true", help="also batch x horizon x iterations")
     planner.add_argument("--repeats", type=int, default=30, help="timed calls per setting")
-    planner.add_argument("--compile", choices=("off", "on", "both"), default="both",
-                         help="eager, torch.compile, or both side by side")
+    planner.add_argument("--compile", choices=("off", "on", "plan", "both", "all"), default="both",
+                         help="eager, torch.compile per iteration, the whole plan as one graph (gradient planner), "
+                              "off and on side by side (both), or all three")
     planner.add_argument("--device", default="auto")
     planner.add_argument("--out", default=None, help="output folder (default runs/bench/planner__<stamp>)")
     control = bench.add_parser("control", help="sample efficiency: ami vs SAC, its MPPI planner or another setting")
@@ -151,7 +152,8 @@ def _bench(args: argparse.Namespace) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(args.out) if args.out else Path(cfg.runs_dir) / "bench" / f"planner__{time.strftime('%Y%m%d-%H%M%S')}"
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    modes = {"off": ["off"], "on": ["on"], "plan": ["plan"], "both": ["off", "on"], "all": ["off", "on", "plan"]}[
+        args.compile]
     planner.run(cfg, out, args.grid, args.repeats, modes, args.device)
     return 0
 
@@ -193,6 +195,8 @@ def describe(trainer: Trainer) -> str:
     planning = f"planner: {actor.config.planner}, {trainer.loop.num_envs} env(s) planned as one batch"
     if actor.energy.compiled:
         planning += "; torch.compile'd (each new batch size compiles on first use: about a minute cold)"
+    if actor.config.compile_plan:
+        planning += "; the whole plan one compiled graph (a CUDA graph on a GPU; one per batch size and horizon)"
     if trainer.cfg.agent.learner.compile:
         planning += "\nlearner: each update's losses and their backward torch.compile'd (compiled on the first update)"
     shield = trainer.agent.shield

@@ -163,6 +163,10 @@ class MemoryConfig:
 class ActorConfig:
     planner: str = "gradient"  # "gradient" or "mppi"
     compile: bool = False  # torch.compile the plan energy and its gradient (the default agent turns it on)
+    # The gradient planner's whole descent (every iteration's energy and gradient, the Adam steps and the best
+    # iterate kept) as one compiled graph, captured as a CUDA graph on a GPU (mode "reduce-overhead"): no launch
+    # per operation and no host read inside the plan. One graph per batch size, horizon and iteration count.
+    compile_plan: bool = False
     horizon: int = 20
     iterations: int = 5
     candidates: int = 16
@@ -470,6 +474,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"agent.configurator.max_iterations={budget.max_iterations}, min_iterations="
                           f"{budget.min_iterations}, converged={budget.converged}: expected max_iterations >= 0 (0: "
                           "a fixed budget), min_iterations >= 1 and converged >= 0")
+    if a.actor.compile_plan and (a.actor.planner != "gradient" or budget.max_iterations):
+        raise ConfigError(f"agent.actor.compile_plan=true with agent.actor.planner={a.actor.planner!r} and "
+                          f"agent.configurator.max_iterations={budget.max_iterations}: the whole-plan graph is the "
+                          "gradient planner's at a fixed iteration count (planner gradient, max_iterations 0); a "
+                          "budget that moves the count would compile one graph per count")
     if budget.max_iterations and not budget.min_iterations <= a.actor.iterations <= budget.max_iterations:
         raise ConfigError(f"agent.actor.iterations={a.actor.iterations}: the planning budget starts there, so it "
                           f"must lie in agent.configurator.min_iterations..max_iterations = "

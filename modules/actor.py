@@ -150,6 +150,13 @@ class PlanEnergy:
             grad, (_, (energy, states)) = self._compiled_value_and_grad(actions.detach(), state.detach(), context)
         return energy, grad, states
 
+    def functional_value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, context: PlanContext
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """value_and_grad by torch.func, uncompiled: what a graph traced around the whole plan differentiates
+        (modules.planners.descend under compile_plan)."""
+        grad, (_, (energy, states)) = torch.func.grad_and_value(self._summed, has_aux=True)(actions, state, context)
+        return energy, grad, states
+
     def compile(self) -> None:
         """torch.compile the energy and its action gradient, each into one fused graph per shape.
 
@@ -196,7 +203,7 @@ class BoundEnergy:
         self.context = context
         self._repeated: dict[int, PlanContext] = {}
 
-    def _context(self, state: torch.Tensor) -> PlanContext:
+    def bound_context(self, state: torch.Tensor) -> PlanContext:
         """The context for a batch of state rows, made once per row count (a plan calls the energy with the same
         few row counts every iteration)."""
         rows = state.shape[0]
@@ -209,11 +216,11 @@ class BoundEnergy:
         return self._repeated[rows]
 
     def __call__(self, state: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.energy._forward(state, actions, self._context(state))
+        return self.energy._forward(state, actions, self.bound_context(state))
 
     def value_and_grad(self, state: torch.Tensor,
                        actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.energy.value_and_grad(state, actions, self._context(state))
+        return self.energy.value_and_grad(state, actions, self.bound_context(state))
 
 
 class Policy(nn.Module):

@@ -7,8 +7,11 @@ benchmarks can hand them a true-dynamics oracle as well as the learned PlanEnerg
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,17 +59,17 @@ class _Best:
     by about lr whatever its gradient, which on a sensitive system (a pole one push from falling)
     can make a good sequence worse. The planner never returns worse than it has already evaluated."""
 
-    def __init__(self, actions: torch.Tensor, repairs: Repairs) -> None:
+    def __init__(self, actions: torch.Tensor) -> None:
         self.actions = actions  # (H, M, A)
         self.energy: torch.Tensor | None = None  # (M,)
         self.states: torch.Tensor | None = None  # (H + 1, M, D)
         self.first_energy: torch.Tensor | None = None
-        self.repairs = repairs
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=actions.device)  # energies that were not finite
         self.trace: list[torch.Tensor] = []  # after each offer: the mean over environments of their best energy
 
     def offer(self, actions: torch.Tensor, energy: torch.Tensor, states: torch.Tensor, batch: int) -> None:
         # A non-finite energy (a diverged imagined state) must never win.
-        self.repairs.count("nonfinite_energies", ~torch.isfinite(energy))
+        self.nonfinite = self.nonfinite + (~torch.isfinite(energy)).sum()
         energy = torch.nan_to_num(energy, nan=float("inf"), posinf=float("inf"))
         if self.energy is None:
             self.actions, self.energy, self.states, self.first_energy = actions, energy, states, energy
@@ -76,6 +79,50 @@ class _Best:
             self.actions = torch.where(better[None, :, None], actions, self.actions)
             self.states = torch.where(better[None, :, None], states, self.states)
         self.trace.append(self.energy.view(batch, -1).min(1).values.mean())  # stays on the device: no sync
+
+
+@dataclass(frozen=True)
+class Descent:
+    """What a descent found, per candidate row M = B * N: actions (H, M, A), energy (M,), states (H + 1, M, D) of
+    its best iterate, first_energy (M,) before any step; trace (I + 1,) the mean over environments of the best
+    energy after each evaluation; counts of non-finite energies and gradient entries (scalars)."""
+
+    actions: torch.Tensor
+    energy: torch.Tensor
+    states: torch.Tensor
+    first_energy: torch.Tensor
+    trace: torch.Tensor
+    nonfinite_energies: torch.Tensor
+    nonfinite_gradients: torch.Tensor
+
+
+def descend(value_and_grad: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+            energy_fn: EnergyFn, states_in: torch.Tensor, actions: torch.Tensor, iterations: int, lr: float,
+            batch: int) -> Descent:
+    """Adam on the actions (H, M, A) from states_in (M, D) for `iterations` steps, projected onto [-1, 1], each
+    iterate priced and the best kept; then the last iterate priced by energy_fn. Nothing here reads the host: run
+    eagerly, or traced whole into one graph (GradientPlanner with compile_plan)."""
+    adam = AdamSteps(actions)
+    kept = _Best(actions)
+    nonfinite_gradients = torch.zeros((), dtype=torch.long, device=actions.device)
+    for _ in range(iterations):
+        energy, grad, states = value_and_grad(states_in, actions)
+        kept.offer(actions, energy, states, batch)
+        nonfinite_gradients = nonfinite_gradients + (~torch.isfinite(grad)).sum()
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        actions = (actions - lr * adam(grad)).clamp(-1.0, 1.0)
+    with torch.no_grad():
+        energy, states = energy_fn(states_in, actions)
+    kept.offer(actions, energy, states, batch)
+    return Descent(kept.actions, kept.energy, kept.states, kept.first_energy, torch.stack(kept.trace),
+                   kept.nonfinite, nonfinite_gradients)
+
+
+def _whole_plan(energy: Any, context: Any, states_in: torch.Tensor, actions: torch.Tensor, iterations: int,
+                lr: float, batch: int) -> Descent:
+    """descend on a PlanEnergy and its bound context, its gradient by torch.func: what compile_plan traces."""
+    return descend(lambda s, a: energy.functional_value_and_grad(s, a, context), lambda s, a: energy(s, a, context),
+                   states_in, actions, iterations, lr, batch)
 
 
 class GradientPlanner:
@@ -91,6 +138,14 @@ class GradientPlanner:
     def __init__(self, config: ActorConfig, repairs: Repairs | None = None) -> None:
         self.config = config
         self.repairs = repairs or Repairs()
+        self._whole_plans: dict[str, Callable[..., Descent]] = {}  # compile_plan's, by device type
+
+    def _whole_plan(self, device: torch.device) -> Callable[..., Descent]:
+        """The whole descent traced into one graph (compile_plan), on a GPU captured as a CUDA graph."""
+        if device.type not in self._whole_plans:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._whole_plans[device.type] = torch.compile(_whole_plan, fullgraph=True, dynamic=False, mode=mode)
+        return self._whole_plans[device.type]
 
     def initial_candidates(self, batch: int, horizon: int, action_dim: int, device: torch.device,
                            warm_start: torch.Tensor | None, proposal: torch.Tensor | None,
@@ -157,23 +212,31 @@ class GradientPlanner:
         init = self.screen(init, state.detach(), energy_fn, generator)
         actions = init.flatten(1, 2)  # (H, B*N, A)
         states_in = state.detach().repeat_interleave(n, dim=0)  # (B*N, D)
-        adam = AdamSteps(actions)
-        kept = _Best(actions, self.repairs)
-        for _ in range(iterations):
-            energy, grad, states = energy_and_grad(energy_fn, states_in, actions)
-            kept.offer(actions, energy, states, batch)
-            self.repairs.count("nonfinite_gradients", ~torch.isfinite(grad))
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            actions = (actions - self.config.lr * adam(grad)).clamp(-1.0, 1.0)
-        with torch.no_grad():
-            energy, states = energy_fn(states_in, actions)
-        kept.offer(actions, energy, states, batch)
-        first = kept.first_energy.view(batch, n)
-        best_actions, best_energy, best_states = _pick_best(kept.actions, kept.energy, kept.states, batch)
+        descent = self._descend(energy_fn, states_in, actions, iterations, batch)
+        self.repairs.count("nonfinite_energies", descent.nonfinite_energies)
+        self.repairs.count("nonfinite_gradients", descent.nonfinite_gradients)
+        first = descent.first_energy.view(batch, n)
+        best_actions, best_energy, best_states = _pick_best(descent.actions, descent.energy, descent.states, batch)
         return Plan(best_actions, first.min(1).values, best_energy, best_states,
-                    kept.actions.view(horizon, batch, n, action_dim), kept.energy.view(batch, n),
+                    descent.actions.view(horizon, batch, n, action_dim), descent.energy.view(batch, n),
                     first[:, 1] if proposal is not None and n > 1 else None, time.perf_counter() - start, "mode2",
-                    torch.stack(kept.trace))
+                    descent.trace)
+
+    def _descend(self, energy_fn: EnergyFn, states_in: torch.Tensor, actions: torch.Tensor, iterations: int,
+                 batch: int) -> Descent:
+        """The whole-plan graph for a learned plan energy when compile_plan is on; else each iteration's energy and
+        gradient on their own (compiled or eager as the energy is; autograd for a hand-written energy)."""
+        context = getattr(energy_fn, "bound_context", None)
+        if self.config.compile_plan and context is not None:
+            with torch.no_grad():  # torch.func differentiates the actions alone
+                descent = self._whole_plan(actions.device)(energy_fn.energy, context(states_in), states_in, actions,
+                                                           iterations, self.config.lr, batch)
+            if actions.device.type != "cuda":
+                return descent
+            # A CUDA graph's outputs live in its own memory, overwritten by its next replay: the plan keeps copies.
+            return Descent(*(value.clone() for value in dataclasses.astuple(descent)))
+        return descend(lambda s, a: energy_and_grad(energy_fn, s, a), energy_fn, states_in, actions, iterations,
+                       self.config.lr, batch)
 
 
 class MPPIPlanner:

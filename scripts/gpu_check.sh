@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks, for a machine with a CUDA device and ami's dependencies importable: the CUDA tests, the planner
-# benchmark on the GPU (the agent's setting and the batch x horizon x iterations grid), and a TwoRooms reward-free
+# benchmark on the GPU (the agent's setting and the batch x horizon x iterations grid; the whole-plan CUDA graph at
+# the agent's setting and at 1,024 x 16 x 10), and a TwoRooms reward-free
 # training run on the GPU, timed. CI has no GPU and never runs this. Logs go to $OUT (default runs/gpu_check).
 set -uo pipefail
 out="${OUT:-runs/gpu_check}"
@@ -12,6 +13,12 @@ timeout 300 python3 -m pytest -q -n 0 --tb=short -p no:cacheprovider -p no:loggi
     | tee -a "$out/gpu.log"
 timeout 90 python3 -m ami.cli bench planner --device cuda --compile off --grid --repeats 10 --out "$out/planner" \
     2>&1 | grep -v Warning | tee -a "$out/gpu.log"
+# The whole plan as one CUDA graph (agent.actor.compile_plan), at the agent's setting and at 1,024 x 16 x 10.
+timeout 240 python3 -m ami.cli bench planner --device cuda --compile plan --repeats 20 --out "$out/plan_graph" \
+    2>&1 | grep -v Warning | tee -a "$out/gpu.log"
+timeout 240 python3 -m ami.cli bench planner --device cuda --compile plan --repeats 20 agent.actor.candidates=1024 \
+    agent.actor.horizon=16 agent.actor.iterations=10 --out "$out/plan_graph_1024" 2>&1 | grep -v Warning \
+    | tee -a "$out/gpu.log"
 start=$(date +%s)
 timeout "${TRAIN_TIMEOUT:-200}" python3 -m ami.cli train env=two_rooms device=cuda seed=0 runs_dir="$out/runs" 2>&1 \
     | tr '\r' '\n' > "$out/two_rooms_train.log"

@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 
 @pytest.fixture
+def captured_graphs(monkeypatch):
+    """torch.compile with the aot_eager backend: Dynamo captures each function whole and AOTAutograd its backward,
+    as Inductor would get them, and the captured graphs run as they are. A test of what ami's code compiles to
+    (one graph, the eager result) then takes seconds; Inductor's code generation, about a minute per graph cold on
+    this 2-core CPU, runs in the compiled training test (test_training's "compiled" variant) and the benchmarks."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compile_(
+        function, **{**options, "backend": "aot_eager", "mode": None}))
+
+
+@pytest.fixture
 def make_agent():
     """make_agent(*overrides, num_envs=1) -> (agent, agent_config) for the tiny Pendulum agent on the CPU."""
 

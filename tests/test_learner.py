@@ -29,16 +29,11 @@ def batches(agent, count, seed=0):
     return out
 
 
-def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memory, monkeypatch):
+def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memory, captured_graphs):
     """Three joint updates (world model with perception, critic, policy) and one predictor-only update, eager and
     compiled from the same parameters on the same batches: the same parameters after them, to float rounding, and
     the figures they return are tensors (read when logged, not inside the update). Each loss is captured whole
-    (fullgraph: a graph break fails) with its backward by AOTAutograd; Inductor's code generation, which costs
-    minutes cold on a 2-core CPU, is left to `ami bench control` runs: aot_eager runs the captured graphs as
-    they are."""
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda function, **options: compile_(function, backend="aot_eager",
-                                                                                **options))
+    (fullgraph: a graph break fails) with its backward by AOTAutograd (conftest's captured_graphs)."""
     agent, cfg = make_agent(num_envs=2)
     twin = make_agent(num_envs=2)[0]  # the same seed: the same parameters
     for one in (agent, twin):

@@ -1,6 +1,8 @@
 """Planners: exact on a linear-quadratic problem, differentiable through the real modules, always
 executing finite in-bounds actions, and warm-started from the previous plan."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -223,9 +225,10 @@ def test_act_uses_shifted_previous_plan_as_first_candidate(make_agent):
     torch.testing.assert_close(second.candidates[:, :, 0], expected)
 
 
-def test_compiled_energy_and_gradient_match_eager(make_agent):
+def test_compiled_energy_and_gradient_match_eager(make_agent, captured_graphs):
     """torch.compile'd planning computes the same energy and action gradient as eager autograd, boredom
-    over a trail of visited latents, scaled per env by the configurator's stall rule, included."""
+    over a trail of visited latents, scaled per env by the configurator's stall rule, included (the captured
+    graphs: conftest's captured_graphs)."""
     agent, cfg = make_agent("agent.actor.horizon=3", "agent.cost.boredom_weight=1.0", "agent.cost.boredom_radius=2.0")
     weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
     g = torch.Generator().manual_seed(0)
@@ -397,3 +400,41 @@ def test_screening_keeps_the_best_of_many_fresh_candidates():
         energies[samples] = energy.view(3, 16)[:, 8:]
     assert (energies[512].mean(1) < 0.5 * energies[0].mean(1)).all(), energies
     assert (energies[512].min(1).values <= energies[0].min(1).values).all()
+
+
+def test_the_whole_plan_graph_takes_the_per_iteration_planners_steps(make_agent, captured_graphs):
+    """compile_plan traces the descent (every iteration's energy and gradient, Adam, the best iterate kept) into one
+    graph: from the same candidates it returns the per-iteration planner's plan, to float rounding, with the same
+    energy trace, and a second plan of the same shape reuses the graph (conftest's captured_graphs; on a GPU the
+    graph is a CUDA graph)."""
+    from torch._dynamo.utils import counters
+
+    agent, cfg = make_agent("agent.actor.horizon=4", "agent.actor.iterations=3", "agent.actor.candidates=6",
+                            num_envs=3)
+    whole_cfg = dataclasses.replace(cfg.actor, compile_plan=True)
+    weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
+    g = torch.Generator().manual_seed(0)
+    per_iteration, whole = GradientPlanner(cfg.actor), GradientPlanner(whole_cfg)
+    graphs = counters["stats"]["unique_graphs"]
+    for plan_number in range(2):
+        state = agent.perception(torch.randn(3, 3, generator=g)).detach()
+        warm = torch.rand(4, 3, 1, generator=g) * 2 - 1
+        energy_fn = agent.actor.energy.bind(weights)
+        eager = per_iteration.plan(state, energy_fn, 4, 3, 1, warm, None, torch.Generator().manual_seed(plan_number))
+        traced = whole.plan(state, energy_fn, 4, 3, 1, warm, None, torch.Generator().manual_seed(plan_number))
+        torch.testing.assert_close(traced.candidates, eager.candidates, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced.candidate_energy, eager.candidate_energy, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced.actions, eager.actions, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced.energy_trace, eager.energy_trace, atol=1e-5, rtol=1e-5)
+        assert (eager.energy_trace[-1] < eager.energy_trace[0]) and not torch.equal(eager.actions, warm)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph, reused by the second plan
+
+
+def test_compile_plan_is_refused_where_the_iteration_count_moves():
+    from ami.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="agent.actor.compile_plan=true with agent.actor.planner='gradient' and "
+                                          "agent.configurator.max_iterations=10"):
+        load_config(["agent.actor.compile_plan=true", "agent.configurator.max_iterations=10"])
+    with pytest.raises(ConfigError, match="planner='mppi'"):
+        load_config(["agent.actor.compile_plan=true", "agent.actor.planner=mppi"])

@@ -268,9 +268,10 @@ def test_the_agent_sends_what_the_shield_decided_and_the_shield_changes_what_bre
     assert clearances["proposed"] < MARGIN <= clearances["sent"], clearances
 
 
-def test_plan_energy_prices_what_the_shield_would_refuse_and_compiles_the_same():
+def test_plan_energy_prices_what_the_shield_would_refuse_and_compiles_the_same(captured_graphs):
     """Beside a hazard, a first action towards it costs more than one away from it, by the ego
-    model's guardrail cost, and the compiled energy and gradient equal eager autograd."""
+    model's guardrail cost, and the compiled energy and gradient (the captured graphs: conftest's captured_graphs)
+    equal eager autograd."""
     cfg = load_config(["env=hazard_nav", "agent=tiny", "agent.actor.horizon=3"])
     env = make_env(cfg.env)
     hazards = env.reset(seed=0)[1]["hazards"]

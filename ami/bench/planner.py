@@ -1,9 +1,11 @@
 """`ami bench planner`: planning latency, latent steps per second and achieved FLOP/s against the
-same process's matmul FLOP/s, for the gradient planner and MPPI, eager and torch.compile'd."""
+same process's matmul FLOP/s, for the gradient planner and MPPI: eager, torch.compile'd per iteration, and (the
+gradient planner) the whole plan as one graph (agent.actor.compile_plan; a CUDA graph on a GPU)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import statistics
 import time
@@ -21,7 +23,7 @@ from ami.build import build_agent, build_planner, resolve_device
 @dataclass(frozen=True)
 class PlannerResult:
     planner: str
-    compiled: bool
+    compile: str  # "off", "on" (the energy and its gradient, per iteration), "plan" (the whole plan, one graph)
     batch: int  # action sequences optimised jointly (one environment, `batch` candidates)
     horizon: int
     iterations: int
@@ -51,7 +53,7 @@ def matmul_flops(device: torch.device, size: int = 1024, repeats: int = 10) -> f
 
 
 def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterations: int,
-            repeats: int, compiled: bool, ceiling: float, device: torch.device) -> PlannerResult:
+            repeats: int, compile: str, ceiling: float, device: torch.device) -> PlannerResult:
     """Median and p90 of `repeats` plan calls on random latent states, after warm-up.
 
     FLOPs are counted on the eager run (the compiled graph does the same matmuls, fused with the
@@ -63,19 +65,20 @@ def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterat
     agent_cfg.actor.compile = False
     agent = build_agent(agent_cfg, 3, 1, list(cfg.env.observation_names) or ["obs_0", "obs_1", "obs_2"],
                         device)
-    planner = build_planner(agent_cfg.actor)
+    planners = {"eager": build_planner(agent_cfg.actor),
+                "timed": build_planner(dataclasses.replace(agent_cfg.actor, compile_plan=compile == "plan"))}
     weights = agent.cost.intrinsic.weight_vector().to(device)
     generator = torch.Generator().manual_seed(0)
     state = torch.randn(1, agent_cfg.perception.latent_dim, device=device)
 
-    def call() -> None:
-        planner.plan(state, agent.actor.energy.bind(weights), horizon, iterations, 1, generator=generator)
+    def call(which: str = "timed") -> None:
+        planners[which].plan(state, agent.actor.energy.bind(weights), horizon, iterations, 1, generator=generator)
 
-    call()
+    call("eager")
     with FlopCounterMode(display=False) as counter:
-        call()
+        call("eager")
     flops = counter.get_total_flops()
-    if compiled:
+    if compile == "on":
         agent.actor.energy.compile()
     for _ in range(3):  # warm-up (and compilation)
         call()
@@ -89,8 +92,11 @@ def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterat
     median = statistics.median(times)
     p90 = float(np.percentile(times, 90))
     latent_steps = batch * horizon * max(iterations, 1)
-    return PlannerResult(planner_name, compiled, batch, horizon, iterations, 1000 * median, 1000 * p90,
+    return PlannerResult(planner_name, compile, batch, horizon, iterations, 1000 * median, 1000 * p90,
                          latent_steps / median, flops / median / 1e9, flops / median / ceiling)
+
+
+LABELS = {"off": "", "on": " compiled", "plan": " whole-plan graph"}
 
 
 def plot(results: list[PlannerResult], ceiling: float, path: Path, title: str) -> None:
@@ -103,10 +109,10 @@ def plot(results: list[PlannerResult], ceiling: float, path: Path, title: str) -
     fig, (latency, share) = plt.subplots(1, 2, figsize=(11, 4))
     groups: dict[tuple, list[PlannerResult]] = {}
     for r in results:
-        groups.setdefault((r.planner, r.compiled, r.horizon, r.iterations), []).append(r)
-    for (name, compiled, horizon, iterations), rows in groups.items():
+        groups.setdefault((r.planner, r.compile, r.horizon, r.iterations), []).append(r)
+    for (name, compile, horizon, iterations), rows in groups.items():
         rows = sorted(rows, key=lambda r: r.batch)
-        label = f"{name}{' compiled' if compiled else ''} H{horizon} x{iterations}"
+        label = f"{name}{LABELS[compile]} H{horizon} x{iterations}"
         style = "-o" if name == "gradient" else "--s"
         latency.plot([r.batch for r in rows], [r.median_ms for r in rows], style, label=label)
         share.plot([r.batch for r in rows], [100 * r.ceiling_fraction for r in rows], style, label=label)
@@ -125,7 +131,7 @@ def plot(results: list[PlannerResult], ceiling: float, path: Path, title: str) -
     plt.close(fig)
 
 
-def run(cfg: DictConfig, out_dir: Path, grid: bool, repeats: int, compile_modes: list[bool],
+def run(cfg: DictConfig, out_dir: Path, grid: bool, repeats: int, compile_modes: list[str],
         device_name: str) -> list[PlannerResult]:
     device = resolve_device(device_name)
     ceiling = matmul_flops(device)
@@ -139,11 +145,13 @@ def run(cfg: DictConfig, out_dir: Path, grid: bool, repeats: int, compile_modes:
     header = (f"{'planner':9s} {'compile':7s} {'batch':>5s} {'H':>3s} {'iters':>5s} {'median ms':>10s} "
               f"{'p90 ms':>8s} {'latent steps/s':>15s} {'GFLOP/s':>8s} {'of matmul':>9s}")
     print(header)
-    for compiled, (batch, horizon, iterations), name in itertools.product(
+    for compile, (batch, horizon, iterations), name in itertools.product(
             compile_modes, settings, ("gradient", "mppi")):
-        r = measure(cfg, name, batch, horizon, iterations, repeats, compiled, ceiling, device)
+        if compile == "plan" and name != "gradient":
+            continue  # the whole-plan graph is the gradient planner's
+        r = measure(cfg, name, batch, horizon, iterations, repeats, compile, ceiling, device)
         results.append(r)
-        print(f"{r.planner:9s} {str(r.compiled):7s} {r.batch:5d} {r.horizon:3d} {r.iterations:5d} "
+        print(f"{r.planner:9s} {r.compile:7s} {r.batch:5d} {r.horizon:3d} {r.iterations:5d} "
               f"{r.median_ms:10.2f} {r.p90_ms:8.2f} {r.latent_steps_per_s:15,.0f} {r.gflops:8.2f} "
               f"{100 * r.ceiling_fraction:8.1f}%", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
