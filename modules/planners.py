@@ -138,14 +138,14 @@ class GradientPlanner:
     def __init__(self, config: ActorConfig, repairs: Repairs | None = None) -> None:
         self.config = config
         self.repairs = repairs or Repairs()
-        self._whole_plans: dict[str, Callable[..., Descent]] = {}  # compile_plan's, by device type
+        self._plan_graphs: dict[str, Callable[..., Descent]] = {}  # compile_plan's, by device type
 
-    def _whole_plan(self, device: torch.device) -> Callable[..., Descent]:
+    def _plan_graph(self, device: torch.device) -> Callable[..., Descent]:
         """The whole descent traced into one graph (compile_plan), on a GPU captured as a CUDA graph."""
-        if device.type not in self._whole_plans:
+        if device.type not in self._plan_graphs:
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self._whole_plans[device.type] = torch.compile(_whole_plan, fullgraph=True, dynamic=False, mode=mode)
-        return self._whole_plans[device.type]
+            self._plan_graphs[device.type] = torch.compile(_whole_plan, fullgraph=True, dynamic=False, mode=mode)
+        return self._plan_graphs[device.type]
 
     def initial_candidates(self, batch: int, horizon: int, action_dim: int, device: torch.device,
                            warm_start: torch.Tensor | None, proposal: torch.Tensor | None,
@@ -229,12 +229,12 @@ class GradientPlanner:
         context = getattr(energy_fn, "bound_context", None)
         if self.config.compile_plan and context is not None:
             with torch.no_grad():  # torch.func differentiates the actions alone
-                descent = self._whole_plan(actions.device)(energy_fn.energy, context(states_in), states_in, actions,
+                descent = self._plan_graph(actions.device)(energy_fn.energy, context(states_in), states_in, actions,
                                                            iterations, self.config.lr, batch)
             if actions.device.type != "cuda":
                 return descent
             # A CUDA graph's outputs live in its own memory, overwritten by its next replay: the plan keeps copies.
-            return Descent(*(value.clone() for value in dataclasses.astuple(descent)))
+            return Descent(*(getattr(descent, field.name).clone() for field in dataclasses.fields(descent)))
         return descend(lambda s, a: energy_and_grad(energy_fn, s, a), energy_fn, states_in, actions, iterations,
                        self.config.lr, batch)
 

@@ -53,7 +53,7 @@ def matmul_flops(device: torch.device, size: int = 1024, repeats: int = 10) -> f
 
 
 def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterations: int,
-            repeats: int, compile: str, ceiling: float, device: torch.device) -> PlannerResult:
+            repeats: int, compile_mode: str, ceiling: float, device: torch.device) -> PlannerResult:
     """Median and p90 of `repeats` plan calls on random latent states, after warm-up.
 
     FLOPs are counted on the eager run (the compiled graph does the same matmuls, fused with the
@@ -66,7 +66,7 @@ def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterat
     agent = build_agent(agent_cfg, 3, 1, list(cfg.env.observation_names) or ["obs_0", "obs_1", "obs_2"],
                         device)
     planners = {"eager": build_planner(agent_cfg.actor),
-                "timed": build_planner(dataclasses.replace(agent_cfg.actor, compile_plan=compile == "plan"))}
+                "timed": build_planner(dataclasses.replace(agent_cfg.actor, compile_plan=compile_mode == "plan"))}
     weights = agent.cost.intrinsic.weight_vector().to(device)
     generator = torch.Generator().manual_seed(0)
     state = torch.randn(1, agent_cfg.perception.latent_dim, device=device)
@@ -78,7 +78,7 @@ def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterat
     with FlopCounterMode(display=False) as counter:
         call("eager")
     flops = counter.get_total_flops()
-    if compile == "on":
+    if compile_mode == "on":
         agent.actor.energy.compile()
     for _ in range(3):  # warm-up (and compilation)
         call()
@@ -92,7 +92,7 @@ def measure(cfg: DictConfig, planner_name: str, batch: int, horizon: int, iterat
     median = statistics.median(times)
     p90 = float(np.percentile(times, 90))
     latent_steps = batch * horizon * max(iterations, 1)
-    return PlannerResult(planner_name, compile, batch, horizon, iterations, 1000 * median, 1000 * p90,
+    return PlannerResult(planner_name, compile_mode, batch, horizon, iterations, 1000 * median, 1000 * p90,
                          latent_steps / median, flops / median / 1e9, flops / median / ceiling)
 
 
@@ -110,9 +110,9 @@ def plot(results: list[PlannerResult], ceiling: float, path: Path, title: str) -
     groups: dict[tuple, list[PlannerResult]] = {}
     for r in results:
         groups.setdefault((r.planner, r.compile, r.horizon, r.iterations), []).append(r)
-    for (name, compile, horizon, iterations), rows in groups.items():
+    for (name, compile_mode, horizon, iterations), rows in groups.items():
         rows = sorted(rows, key=lambda r: r.batch)
-        label = f"{name}{LABELS[compile]} H{horizon} x{iterations}"
+        label = f"{name}{LABELS[compile_mode]} H{horizon} x{iterations}"
         style = "-o" if name == "gradient" else "--s"
         latency.plot([r.batch for r in rows], [r.median_ms for r in rows], style, label=label)
         share.plot([r.batch for r in rows], [100 * r.ceiling_fraction for r in rows], style, label=label)
@@ -145,11 +145,11 @@ def run(cfg: DictConfig, out_dir: Path, grid: bool, repeats: int, compile_modes:
     header = (f"{'planner':9s} {'compile':7s} {'batch':>5s} {'H':>3s} {'iters':>5s} {'median ms':>10s} "
               f"{'p90 ms':>8s} {'latent steps/s':>15s} {'GFLOP/s':>8s} {'of matmul':>9s}")
     print(header)
-    for compile, (batch, horizon, iterations), name in itertools.product(
+    for compile_mode, (batch, horizon, iterations), name in itertools.product(
             compile_modes, settings, ("gradient", "mppi")):
-        if compile == "plan" and name != "gradient":
+        if compile_mode == "plan" and name != "gradient":
             continue  # the whole-plan graph is the gradient planner's
-        r = measure(cfg, name, batch, horizon, iterations, repeats, compile, ceiling, device)
+        r = measure(cfg, name, batch, horizon, iterations, repeats, compile_mode, ceiling, device)
         results.append(r)
         print(f"{r.planner:9s} {r.compile:7s} {r.batch:5d} {r.horizon:3d} {r.iterations:5d} "
               f"{r.median_ms:10.2f} {r.p90_ms:8.2f} {r.latent_steps_per_s:15,.0f} {r.gflops:8.2f} "
