@@ -92,6 +92,8 @@ class Learner:
         if agent.cost.goal_critic is not None:
             self.optimisers["goal_critic"] = torch.optim.Adam(agent.cost.goal_critic.net.parameters(),
                                                               lr=config.cost.goal.critic_lr)
+        self.parameters = {name: [p for group in optimiser.param_groups for p in group["params"]]
+                           for name, optimiser in self.optimisers.items()}  # what each optimiser steps, and clips
         self.generator = torch.Generator().manual_seed(seed)
         self.updates = 0  # every update of every kind
 
@@ -100,12 +102,10 @@ class Learner:
         non-finite loss or gradient norm anywhere in the group stops the run before any parameter moves. The losses
         train disjoint parameters from detached inputs, so one backward of their sum is each one's own.
         -> the gradient norms before clipping, by name."""
-        params = {name: [p for group in self.optimisers[name].param_groups for p in group["params"]]
-                  for name in losses}
         for name in losses:
             self.optimisers[name].zero_grad(set_to_none=True)
         sum(loss for loss, _ in losses.values()).backward()
-        norms = {name: nn.utils.clip_grad_norm_(params[name], clip) for name, (_, clip) in losses.items()}
+        norms = {name: nn.utils.clip_grad_norm_(self.parameters[name], clip) for name, (_, clip) in losses.items()}
         checked = torch.stack([*(loss.detach() for loss, _ in losses.values()), *norms.values()])
         finite = bool(torch.isfinite(checked).all())  # the one read of the host
         if not self.group.all(finite):  # every rank stops, or none

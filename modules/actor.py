@@ -147,13 +147,12 @@ class PlanEnergy:
         if self._compiled_value_and_grad is None:  # eager autograd beats the eager torch.func transform
             return autograd_energy_and_grad(lambda s, a: self(s, a, context), state.detach(), actions)
         with torch.no_grad():  # the transform differentiates the actions alone
-            grad, (_, (energy, states)) = self._compiled_value_and_grad(actions.detach(), state.detach(), context)
-        return energy, grad, states
+            return self._compiled_value_and_grad(state.detach(), actions.detach(), context)
 
     def functional_value_and_grad(self, state: torch.Tensor, actions: torch.Tensor, context: PlanContext
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """value_and_grad by torch.func, uncompiled: what a graph traced around the whole plan differentiates
-        (modules.planners.descend under compile_plan)."""
+        """value_and_grad by torch.func: what compile() compiles, and what a graph traced around the whole plan
+        differentiates (modules.planners.descend under compile_plan)."""
         grad, (_, (energy, states)) = torch.func.grad_and_value(self._summed, has_aux=True)(actions, state, context)
         return energy, grad, states
 
@@ -165,8 +164,7 @@ class PlanEnergy:
         and horizon compiles (about a minute on a 2-core CPU; Inductor caches it on disk after).
         """
         self._forward = torch.compile(self.__call__, dynamic=False)
-        self._compiled_value_and_grad = torch.compile(
-            torch.func.grad_and_value(self._summed, has_aux=True), dynamic=False, fullgraph=True)
+        self._compiled_value_and_grad = torch.compile(self.functional_value_and_grad, dynamic=False, fullgraph=True)
 
     @property
     def compiled(self) -> bool:

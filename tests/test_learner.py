@@ -9,11 +9,14 @@ from ami.config import RewardFreeConfig
 from ami.learner import Learner, NonFiniteLossError
 
 
+def trained_modules(agent):
+    return {"perception": agent.perception, "world_model": agent.world_model, "critic": agent.cost.critic,
+            "policy": agent.actor.policy}
+
+
 def trained_parameters(agent):
     """Every parameter and buffer an update changes, by name."""
-    modules = {"perception": agent.perception, "world_model": agent.world_model, "critic": agent.cost.critic,
-               "policy": agent.actor.policy}
-    return {f"{part}.{name}": tensor.detach().clone() for part, module in modules.items()
+    return {f"{part}.{name}": tensor.detach().clone() for part, module in trained_modules(agent).items()
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
 
 
@@ -53,9 +56,7 @@ def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memo
     for name, value in before.items():
         assert torch.allclose(value, after[name], atol=1e-5), name
     start = make_agent(num_envs=2)[0]  # the same seed: the parameters before any update
-    for part in ("perception", "world_model", "critic", "policy"):
-        module = {"perception": start.perception, "world_model": start.world_model, "critic": start.cost.critic,
-                  "policy": start.actor.policy}[part]
+    for part, module in trained_modules(start).items():
         assert any(not torch.allclose(value, before[f"{part}.{name}"]) for name, value in module.named_parameters())
 
 
