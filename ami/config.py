@@ -41,6 +41,9 @@ class EnvConfig:
     # info["cost"] = 1.0 on the step an episode terminates, for an env whose only failure is its termination (a
     # walker that falls): the ground-truth cost `ami bench safety` counts. An env's own info["cost"] is kept.
     cost_from_termination: bool = False
+    # Each action held for this many env steps, their rewards (and info["cost"]) summed, stopping where the episode
+    # ends: DeepMind Control's usual 2 (TD-MPC2, DreamerV3). Steps everywhere else count the agent's actions.
+    action_repeat: int = 1
 
 
 @dataclass
@@ -140,6 +143,10 @@ class CostConfig:
     # Cost per step, forever, after the env terminates an episode (a fall, a crash): the critic's
     # price of ending early. 0 suits envs whose termination is success or that never terminate.
     termination_cost: float = 0.0
+    # A continuation head, P(the episode goes on | s'), learned from the real transitions' terminations: each
+    # imagined step of a plan counts as far as the episode is predicted to last, and a predicted end is priced at
+    # termination_cost forever, as a real one is in the value's targets.
+    continuation: bool = False
     # Boredom: every imagined state pays boredom_weight * sum_v exp(-|s - v|^2 / (2 boredom_radius^2)) over
     # the latents v this episode has already passed through (the short-term memory's EpisodeTrail). A place
     # the agent lingers in wears out, so a plan that keeps promising a way the world model gets wrong (through
@@ -516,7 +523,8 @@ def validate(cfg: DictConfig) -> None:
                 "reward_free.predictor_batch_size", "reward_free.predictor_horizon",
                 "reward_free.critic_batch_size",
                 "reward_free.log_every", "reward_free.picture_every", "reward_free.checkpoint_every",
-                "reward_free.probe_frames", "env.image_size", "env.frame_stack", "agent.world_model.ensemble_size",
+                "reward_free.probe_frames", "env.image_size", "env.frame_stack", "env.action_repeat",
+                "agent.world_model.ensemble_size",
                 "agent.shield.trust_window"):
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:

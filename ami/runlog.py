@@ -141,12 +141,27 @@ class EpisodeLog:
         self.totals, self.last_return = dict(state["totals"]), float(state["last_return"])
 
 
+def generator_state(generator: np.random.Generator | np.random.RandomState) -> dict | tuple:
+    """A numpy generator's state as a checkpoint can hold it (loaded with weights_only=True): a Generator's bit
+    generator state, or a legacy RandomState's (dm_control's tasks draw from one) with its key as a tensor."""
+    if isinstance(generator, np.random.RandomState):
+        name, key, position, has_gauss, cached = generator.get_state()
+        return name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, cached
+    return generator.bit_generator.state
+
+
+def set_generator_state(generator: np.random.Generator | np.random.RandomState, state: dict | tuple) -> None:
+    if isinstance(generator, np.random.RandomState):
+        name, key, position, has_gauss, cached = state
+        generator.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, cached))
+    else:
+        generator.bit_generator.state = state
+
+
 def numpy_rng_state() -> tuple:
-    """numpy's global generator state with its key as a tensor (checkpoints load with weights_only=True)."""
-    name, key, position, has_gauss, cached = np.random.get_state()
-    return name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, cached
+    """numpy's global generator state."""
+    return generator_state(np.random.mtrand._rand)
 
 
 def set_numpy_rng_state(state: tuple) -> None:
-    name, key, position, has_gauss, cached = state
-    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, cached))
+    set_generator_state(np.random.mtrand._rand, state)

@@ -442,7 +442,7 @@ class Trainer:
                         "window": dict(self.window), "episode_log": self.episode_log.state_dict()},
             "rng": {"python": random.getstate(), "numpy": runlog.numpy_rng_state(),
                     "torch": torch.get_rng_state(), "plan": self.plan_generator.get_state(),
-                    "envs": [env.unwrapped.np_random.bit_generator.state for env in loop.envs.envs]},
+                    "envs": [runlog.generator_state(env.unwrapped.np_random) for env in loop.envs.envs]},
         }
 
     def save(self) -> Path:
@@ -476,6 +476,6 @@ class Trainer:
         torch.set_rng_state(rng["torch"].cpu())
         self.plan_generator.set_state(rng["plan"].cpu())
         for env, env_state in zip(loop.envs.envs, rng["envs"], strict=True):
-            env.unwrapped.np_random.bit_generator.state = env_state
+            runlog.set_generator_state(env.unwrapped.np_random, env_state)
         # Interrupted episodes cannot be continued: every environment starts a fresh one from its own generator.
         loop.reset(seed=None)

@@ -17,7 +17,15 @@ from torch import nn
 
 from ami.config import ActorConfig, GoalConfig
 from ami.messages import Percept, Plan, Task
-from modules.cost import GoalCritic, IntrinsicCost, TrainableCritic, boredom, discount_weights, latent_goal_distance
+from modules.cost import (
+    GoalCritic,
+    IntrinsicCost,
+    TrainableCritic,
+    boredom,
+    discount_weights,
+    expected_discounted_cost,
+    latent_goal_distance,
+)
 from modules.nn import Repairs, mlp
 from modules.planners import autograd_energy_and_grad, shift_plan
 from modules.world_model import WorldModel
@@ -56,6 +64,8 @@ class PlanEnergy:
 
     E = sum_{t<H} gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)]
         + gamma^H [(1 - w_v) IC_analytic(readout(s_H), 0) + w_v TC_value(s_H)]
+        (with a continuation head, these in expectation over where the episode ends: modules.cost's
+        expected_discounted_cost)
         + (with an ego model) the shield's guardrail cost of the first action
         + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g) + w_c steps(s_H, g)
         + (with the episode's trail V) w_b k sum_{t=1..H} boredom(s_t, V)
@@ -102,15 +112,18 @@ class PlanEnergy:
         if context.use_step_head:
             step_cost = step_cost + self.critic.step_cost(states[:-1], actions)
         gammas = discount_weights(horizon + 1, self.discount, state.device)
-        energy = (gammas[:-1, None] * step_cost).sum(0)
-        tail = torch.zeros_like(energy)
+        tail = torch.zeros_like(step_cost[0])
         if self.value_weight < 1:
             at_rest = actions.new_zeros(actions.shape[1:])
             terminal = (self.intrinsic_cost.analytic_terms(quantities[-1], at_rest) * weights).sum(-1)
             tail = tail + (1 - self.value_weight) * terminal
         if self.value_weight:
             tail = tail + self.value_weight * self.critic.value(states[-1])
-        energy = energy + gammas[-1] * tail
+        if self.critic.continuation_head is None:
+            energy = (gammas[:-1, None] * step_cost).sum(0) + gammas[-1] * tail
+        else:
+            energy = expected_discounted_cost(step_cost, self.critic.continuation(states[1:]), tail, self.discount,
+                                              self.critic.terminal_value)
         if self.first_action_cost is not None:
             energy = energy + self.first_action_cost(context.observation, actions[0])
         if context.goal is not None:

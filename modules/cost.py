@@ -329,8 +329,26 @@ def value_targets(costs: torch.Tensor, terminated: torch.Tensor, bootstrap: torc
     return returns
 
 
+def expected_discounted_cost(step_costs: torch.Tensor, continues: torch.Tensor, tail: torch.Tensor,
+                             discount: float, terminal_value: float = 0.0) -> torch.Tensor:
+    """The discounted cost of a sequence whose episode may end on the way, in expectation.
+
+    step_costs, continues: (H, B), continues[t] the probability that the episode goes on after step t; tail: (B,)
+    the cost-to-go of the state after the last step. Step t counts as far as every step before it went on; an end
+    after step t costs terminal_value from there. With continues of 0 and 1 this is value_targets' G_0 with
+    terminated = 1 - continues and bootstrap = tail. -> (B,)
+    """
+    horizon = step_costs.shape[0]
+    gammas = discount_weights(horizon + 1, discount, step_costs.device)[:, None]  # (H + 1, 1)
+    alive = torch.cat([torch.ones_like(continues[:1]), torch.cumprod(continues, 0)])  # (H + 1, B)
+    ended = alive[:-1] - alive[1:]
+    return (gammas[:-1] * (alive[:-1] * step_costs + discount * terminal_value * ended)).sum(0) \
+        + gammas[-1, 0] * alive[-1] * tail
+
+
 class TrainableCritic(nn.Module):
-    """TC: value(s) -> discounted future IC; step(s, a) -> the measured IC terms of one step."""
+    """TC: value(s) -> discounted future IC; step(s, a) -> the measured IC terms of one step; with
+    config.continuation, continuation(s') -> the probability that the episode goes on in s'."""
 
     def __init__(self, latent_dim: int, action_dim: int, config: CostConfig) -> None:
         super().__init__()
@@ -338,6 +356,16 @@ class TrainableCritic(nn.Module):
         self.value_head = mlp(latent_dim, config.critic_hidden_dim, 1)
         self.step_head = mlp(latent_dim + action_dim, config.critic_hidden_dim, 1)
         self.target_value_head = copy.deepcopy(self.value_head).requires_grad_(False)
+        self.continuation_head = mlp(latent_dim, config.critic_hidden_dim, 1) if config.continuation else None
+
+    @property
+    def terminal_value(self) -> float:
+        """The cost-to-go after a termination: termination_cost every step, forever."""
+        return self.config.termination_cost / (1.0 - self.config.discount) if self.config.termination_cost else 0.0
+
+    def continuation(self, states: torch.Tensor) -> torch.Tensor:
+        """states: (..., D) -> (...,) in (0, 1)."""
+        return torch.sigmoid(self.continuation_head(states).squeeze(-1))
 
     def value(self, states: torch.Tensor) -> torch.Tensor:
         """states: (..., D) -> (...,)."""
@@ -355,15 +383,19 @@ class TrainableCritic(nn.Module):
         With discount 1 an episode that never terminates has no finite cost-to-go: the value head is not
         trained then (and cannot price plans: the configuration requires value_weight 0), the step head is."""
         step_loss = (self.step_cost(states[:-1], actions) - measured_costs).pow(2).mean()
+        loss, stats = step_loss, {"step_loss": step_loss.detach()}
+        if self.continuation_head is not None:  # s[t+1] goes on unless transition t terminated
+            logits = self.continuation_head(states[1:]).squeeze(-1)
+            continuation_loss = nn.functional.binary_cross_entropy_with_logits(logits, 1.0 - terminated.float())
+            loss, stats["continuation_loss"] = loss + continuation_loss, continuation_loss.detach()
         if self.config.discount >= 1.0:
-            return step_loss, {"step_loss": step_loss.detach()}
+            return loss, stats
         with torch.no_grad():
             bootstrap = self.target_value_head(states[-1]).squeeze(-1)
-            terminal_value = self.config.termination_cost / (1.0 - self.config.discount)
-            targets = value_targets(total_costs, terminated, bootstrap, self.config.discount, terminal_value)
+            targets = value_targets(total_costs, terminated, bootstrap, self.config.discount, self.terminal_value)
         value_loss = (self.value(states[:-1]) - targets).pow(2).mean()
-        stats = {"value_loss": value_loss.detach(), "step_loss": step_loss.detach(), "value_mean": targets.mean()}
-        return value_loss + step_loss, stats
+        stats.update(value_loss=value_loss.detach(), value_mean=targets.mean())
+        return loss + value_loss, stats
 
     def update_target(self) -> None:
         soft_update(self.target_value_head, self.value_head, self.config.critic_tau)

@@ -39,11 +39,11 @@ def test_bench_planner_rejects_bad_repeats(tmp_path):
     assert "--repeats" in result.stderr
 
 
-def _control(tmp_path, vs, *extra):
+def _control(tmp_path, vs, seeds, *extra):
     out = tmp_path / "control"
     result = subprocess.run(
         [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
-         "train.pretrain_updates=20", "env.max_episode_steps=50", "--steps", "200", "--seeds", "0", "1",
+         "train.pretrain_updates=20", "env.max_episode_steps=50", "--steps", "200", "--seeds", *map(str, seeds),
          "--eval-every", "100", "--episodes", "2", "--vs", vs, "--threshold", "-2000", "--no-progress",
          "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600)
@@ -51,17 +51,19 @@ def _control(tmp_path, vs, *extra):
     return out, result.stdout
 
 
-@pytest.mark.parametrize(("vs", "extra"), [("sac", ["--peer-steps", "300"]), ("train.num_envs=2", ["--jobs", "2"])])
-def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, extra):
-    out, stdout = _control(tmp_path, vs, *extra)
+# Two seeds against SAC (the table's mean and spread over seeds); one against a config override, two jobs at once.
+@pytest.mark.parametrize(("vs", "seeds", "extra"), [("sac", (0, 1), ["--peer-steps", "300"]),
+                                                    ("train.num_envs=2", (0,), ["--jobs", "2"])])
+def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, seeds, extra):
+    out, stdout = _control(tmp_path, vs, seeds, *extra)
     rows = list(csv.DictReader((out / "results.csv").open()))
     # One row per (method, seed, eval step); the peer runs its own budget.
     keys = sorted((r["method"], int(r["seed"]), int(r["step"])) for r in rows)
     budgets = {"ami": 200, vs: 300 if vs == "sac" else 200}
-    assert keys == sorted((m, s, step) for m in ("ami", vs) for s in (0, 1)
+    assert keys == sorted((m, s, step) for m in ("ami", vs) for s in seeds
                           for step in range(100, budgets[m] + 1, 100))
     # ami's rows are its runs' own evaluations, and its runs are the configured ones.
-    for seed in (0, 1):
+    for seed in seeds:
         evals = list(csv.DictReader((out / f"ami_s{seed}" / "eval.csv").open()))
         assert [float(r["return_mean"]) for r in rows if (r["method"], int(r["seed"])) == ("ami", seed)] == \
             pytest.approx([float(e["return_mean"]) for e in evals], abs=0.06)  # each written to two decimals

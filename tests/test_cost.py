@@ -1,6 +1,8 @@
 """Cost: the intrinsic cost is immutable and untrained, its Pendulum formula is the env's own reward,
 and the critic bootstraps through its target network only where the episode did not terminate."""
 
+import dataclasses
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from ami.config import ConfiguratorConfig, CostConfig, CostTermConfig, RewardFre
 from ami.envs import make_env
 from ami.learner import Learner
 from modules.configurator import Configurator
-from modules.cost import GuardrailError, IntrinsicCost, TrainableCritic, value_targets
+from modules.cost import GuardrailError, IntrinsicCost, TrainableCritic, expected_discounted_cost, value_targets
 
 PENDULUM_NAMES = ["cos_theta", "sin_theta", "theta_dot"]
 
@@ -196,6 +198,85 @@ def test_value_targets_termination_stops_bootstrap_truncation_does_not():
     # Batched: each column on its own.
     both = value_targets(costs.expand(3, 2), torch.cat([not_terminated, end], 1), torch.tensor([10.0, 10.0]), gamma)
     torch.testing.assert_close(both, torch.tensor([[4.0, 2.75], [6.0, 3.5], [8.0, 3.0]]))
+
+
+def test_expected_cost_through_a_sure_end_is_the_value_target_of_that_termination():
+    """continues of 0 and 1 are a known end: the expected discounted cost is value_targets' G_0 of the same steps
+    (an end prices what follows at terminal_value, a sequence that goes on bootstraps from its tail); a 50% end
+    halves what follows it."""
+    costs = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+    ends = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # column 0 goes on
+    tail, gamma = torch.tensor([10.0, 10.0, 10.0, 10.0]), 0.5
+    for terminal_value in (0.0, 7.0):
+        expected = value_targets(costs, ends.bool(), tail, gamma, terminal_value)[0]
+        torch.testing.assert_close(expected_discounted_cost(costs, 1.0 - ends, tail, gamma, terminal_value), expected)
+    half = torch.full((3, 1), 0.5)  # 1 + .5 (.5 * 2 + .5 * 0) + .25 (.25 * 3) + .125 (.125 * 10), terminal 0
+    torch.testing.assert_close(expected_discounted_cost(costs[:, :1], half, tail[:1], gamma),
+                               torch.tensor([1.0 + 0.5 + 0.1875 + 0.15625]))
+
+
+class _EndsAt(nn.Module):
+    """A hand-made continuation head: the episode ends (logit -inf) at the marked latent states, (M, D), and goes on
+    (logit +inf) everywhere else."""
+
+    def __init__(self, marked: torch.Tensor) -> None:
+        super().__init__()
+        self.marked = marked
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        if not len(self.marked):
+            return torch.full_like(states[..., :1], float("inf"))
+        marked = (states[..., None, :] - self.marked).abs().amax(-1).min(-1).values < 1e-6
+        return torch.where(marked, float("-inf"), float("inf"))[..., None]
+
+
+def test_a_predicted_end_stops_the_plans_cost_there_as_a_real_termination_would(make_agent):
+    """With a continuation head that always goes on, the energy is the one without a head. With one that ends the
+    episode at an imagined state, no action after that state moves the energy, and the end costs termination_cost
+    forever from there: gamma^(k + 1) termination_cost / (1 - gamma) more for an end after step k."""
+    agent, cfg = make_agent("agent.cost.continuation=true", "agent.cost.termination_cost=2.0")
+    energy, critic = agent.actor.energy, agent.cost.critic
+    weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
+    g = torch.Generator().manual_seed(0)
+    state = agent.perception(torch.randn(6, 3, generator=g)).detach()
+    actions = torch.rand(cfg.actor.horizon, 6, 1, generator=g) * 2 - 1
+    critic.continuation_head = None
+    without, states = energy.bind(weights)(state, actions)
+    critic.continuation_head = _EndsAt(states[:0, 0])
+    torch.testing.assert_close(energy.bind(weights)(state, actions)[0], without)
+    ends = [0, 1, 2, 3, cfg.actor.horizon - 1]  # row b ends after step ends[b]; the last row goes on
+    critic.continuation_head = _EndsAt(torch.stack([states[k + 1, row] for row, k in enumerate(ends)]))
+    actions.requires_grad_(True)
+    ended = energy.bind(weights)(state, actions)[0]
+    ended.sum().backward()
+    for row, k in enumerate(ends):
+        assert actions.grad[:k + 1, row].abs().sum() > 0 and (actions.grad[k + 1:, row] == 0).all(), (row, k)
+    assert (actions.grad[:, -1] != 0).all()
+    torch.testing.assert_close(ended[-1], without[-1])
+    critic.config = dataclasses.replace(critic.config, termination_cost=0.0)
+    free = energy.bind(weights)(state, actions.detach())[0]
+    gamma, first_end = cfg.cost.discount, torch.tensor(ends, dtype=torch.float32)
+    torch.testing.assert_close(ended[:-1].detach() - free[:-1], 2.0 * gamma ** (first_end + 1.0) / (1 - gamma))
+
+
+def test_the_continuation_head_learns_where_real_episodes_end():
+    """Trained on real transitions' flags: a state after a termination ends the episode, one after a truncation
+    (the time limit) goes on."""
+    torch.manual_seed(0)
+    critic = TrainableCritic(2, 1, CostConfig(discount=0.9, critic_hidden_dim=32, continuation=True))
+    optimiser = torch.optim.Adam(critic.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        states = torch.randn(3, 64, 2, generator=g)
+        terminated = states[1:, :, 0] > 1.0  # a fall: the first entry past 1
+        loss, stats = critic.loss(states, torch.zeros(2, 64, 1), torch.zeros(2, 64), torch.zeros(2, 64), terminated)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert "continuation_loss" in stats
+    probe = torch.tensor([[2.0, 0.0], [0.0, 0.0], [-2.0, 1.0]])
+    continues = critic.continuation(probe)
+    assert continues[0] < 0.1 and (continues[1:] > 0.9).all(), continues
 
 
 def test_critic_loss_bootstraps_from_target_network():

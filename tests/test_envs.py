@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ami.build import build_agent
-from ami.config import available, load_config
+from ami.config import available, load_config, load_saved
 from ami.envs import make_env, observation_names
+from ami.evaluate import evaluate
 from ami.train import Trainer
 
 PRESETS = [name for name in available("env") if name != "gym"]
@@ -81,6 +82,55 @@ def test_short_run_on_inverted_pendulum(tmp_path):
     rows = list(csv.DictReader((tmp_path / "run" / "eval.csv").open()))
     assert len(rows) == 1 and 150 <= int(rows[0]["step"]) < 152  # the two envs step together: 150 or just past it
     assert len(rows[0]["returns"].split()) == 2
+
+
+@pytest.mark.parametrize("repeat", [2, 3])
+def test_action_repeat_holds_each_action_sums_its_rewards_and_stops_where_the_episode_ends(repeat):
+    """dm_control's cartpole-swingup (1,000 physics steps an episode) held `repeat` steps an action, against the
+    same env stepped once an action: the same states, the rewards summed; 3 does not divide 1,000, so the last
+    action is held one step, and the episode is truncated, not terminated."""
+    held = make_env(load_config(["env=dmc_cartpole_swingup", f"env.action_repeat={repeat}"]).env)
+    single = make_env(load_config(["env=dmc_cartpole_swingup", "env.action_repeat=1"]).env)
+    obs_held, obs_single = held.reset(seed=0)[0], single.reset(seed=0)[0]
+    rng, steps, done = np.random.default_rng(0), 0, False
+    while not done:
+        action = rng.uniform(-1.0, 1.0, 1).astype(np.float32)
+        obs_held, reward_held, terminated, truncated, _ = held.step(action)
+        rewards = []
+        for _ in range(repeat):
+            obs_single, reward, *ended, _ = single.step(action)
+            rewards.append(reward)
+            if any(ended):
+                break
+        steps, done = steps + 1, terminated or truncated
+        assert np.array_equal(obs_held, obs_single) and reward_held == pytest.approx(sum(rewards), rel=1e-9)
+        assert any(ended) == done
+    assert steps == -(-1000 // repeat) and truncated and not terminated
+    held.close()
+    single.close()
+
+
+def test_a_dict_observation_dm_control_task_trains_saves_resumes_and_evaluates(tmp_path):
+    """cartpole-swingup's Dict of position and velocity, flattened into named quantities, each action held for two
+    physics steps, in 200-step episodes (100 actions): a run stopped at step 150 resumes to 250 and evaluates."""
+    overrides = ["env=dmc_cartpole_swingup", "agent=tiny", "env.max_episode_steps=200", "train.seed_steps=60",
+                 "train.pretrain_updates=10", "train.eval_every=100000", "train.checkpoint_every=100",
+                 f"runs_dir={tmp_path}", "progress=false"]
+    first = Trainer(load_config([*overrides, "train.total_steps=150"]), tmp_path / "run")
+    first.train()
+    assert first.agent.world_model.observation_names == [f"position_{i}" for i in range(3)] + ["velocity_0",
+                                                                                               "velocity_1"]
+    resumed = Trainer(load_saved(tmp_path / "run" / "config.yaml", ["train.total_steps=250"]), tmp_path / "run",
+                      resume=True)
+    assert resumed.loop.env_steps == 150
+    resumed.train()
+    episodes = list(csv.DictReader((tmp_path / "run" / "episodes.csv").open()))
+    assert [int(row["length"]) for row in episodes] == [100, 100]  # the one cut at 150 is not logged ...
+    memory = resumed.agent.memory  # ... but closed in memory as truncated, as the two ended by the time limit are
+    assert int((memory.truncated & memory.has_transition).sum()) == 3 and not memory.terminated.any()
+    assert all(0.0 <= float(row["return"]) <= 2.0 * int(row["length"]) for row in episodes)  # 2 rewards in [0, 1]
+    result = evaluate(resumed.agent, resumed.cfg.env, episodes=2)
+    assert list(result.lengths) == [100, 100] and ((result.returns >= 0.0) & (result.returns <= 200.0)).all()
 
 
 def test_mountaincar_energy_drive_matches_the_env_dynamics():

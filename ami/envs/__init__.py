@@ -4,6 +4,8 @@ Observations are a flat float32 vector, a uint8 image (H, W, C), or a dict of an
 "goal" image and an optional flat "vector". A Dict of vector Boxes (dm_control through shimmy, goal-conditioned
 envs) is flattened into one vector whose entries are named by their keys. `env.pixels=true` turns any env that
 renders into an image one.
+`dm_control/<domain>-<task>-v0` ids are registered through shimmy on first use; `env.action_repeat` holds each
+action for that many env steps.
 Importing this package registers ami's own environments with gymnasium: ami/HazardNav-v0, ami/TwoRooms-v0,
 ami/WindyCliff-v0 (a steady wind) and ami/GustyCliff-v0 (gusts).
 """
@@ -62,6 +64,25 @@ class FlatDictObservation(gym.ObservationWrapper):
         return list(self.names)
 
 
+class ActionRepeat(gym.Wrapper):
+    """Each action held for `repeat` steps of the env, stopping at the step its episode ends: the summed reward
+    (and info["cost"] where the env reports one), the last step's observation, flags and info."""
+
+    def __init__(self, env: gym.Env, repeat: int) -> None:
+        super().__init__(env)
+        self.repeat = repeat
+
+    def step(self, action: np.ndarray) -> tuple:
+        reward_sum, cost_sum = 0.0, 0.0
+        for _ in range(self.repeat):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            reward_sum += float(reward)
+            cost_sum += float(info.get("cost", 0.0))
+            if terminated or truncated:
+                break
+        return obs, reward_sum, terminated, truncated, {**info, "cost": cost_sum} if "cost" in info else info
+
+
 class TerminationCost(gym.Wrapper):
     """info["cost"] = 1.0 on the step the episode terminates, 0.0 before (env.cost_from_termination)."""
 
@@ -102,6 +123,8 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
         render_mode = "rgb_array"
     if render_mode is not None:  # an env that never renders need not take the argument
         kwargs["render_mode"] = render_mode
+    if config.id.startswith("dm_control/"):
+        _register_dm_control(config.id)
     try:
         env = gym.make(config.id, **kwargs)
     except ModuleNotFoundError as error:  # env.id=my_package.my_module:MyEnv-v0 imports the module first
@@ -115,6 +138,8 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         raise UnsupportedEnvError(f"env.id={config.id!r} has action space {env.action_space}; "
                                   "expected a Box (continuous) action space")
+    if config.action_repeat > 1:
+        env = ActionRepeat(env, config.action_repeat)
     if config.cost_from_termination:
         env = TerminationCost(env)
     if config.pixels:
@@ -125,8 +150,11 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
         kind = observation_kind(env.observation_space)
     except UnsupportedEnvError as error:
         raise UnsupportedEnvError(f"env.id={config.id!r}: {error}") from error
-    with warnings.catch_warnings():  # the wrapper's float64 bounds are cast to float32 on purpose
+    # The wrapper's float64 bounds are cast to float32 on purpose; the overflow a float64 action space (dm_control's)
+    # warns of is in gymnasium's own check of those bounds.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
         env = RescaleAction(env, np.float32(-1.0), np.float32(1.0))
     if kind != "vector":
         return env
@@ -134,6 +162,16 @@ def make_env(config: EnvConfig, render_mode: str | None = None) -> gym.Env:
         env, lambda obs: np.asarray(obs, dtype=np.float32),
         gym.spaces.Box(env.observation_space.low.astype(np.float32),
                        env.observation_space.high.astype(np.float32), dtype=np.float32))
+
+
+def _register_dm_control(env_id: str) -> None:
+    """DeepMind Control's tasks are gymnasium envs once shimmy registers them (the `bench` extra installs both)."""
+    try:
+        import shimmy
+    except ImportError as error:
+        raise UnsupportedEnvError(f"env.id={env_id!r} needs shimmy and dm_control ({error.msg}); install them with "
+                                  "pip install 'ami[bench]'") from error
+    gym.register_envs(shimmy)
 
 
 def make_vector_env(config: EnvConfig, num_envs: int, render_mode: str | None = None,
