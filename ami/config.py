@@ -137,6 +137,15 @@ class CostConfig:
     critic_hidden_dim: int = 128
     critic_lr: float = 3e-4
     critic_tau: float = 0.01  # EMA rate of the critic's target network
+    # Value heads, differently initialised and trained on the same targets. A plan's last state (and a target's
+    # bootstrap) is priced at their mean + value_pessimism x their spread (std over members): where they disagree,
+    # on states unlike the data (as imagined ones can be), the value is no free lunch.
+    value_ensemble: int = 1
+    value_pessimism: float = 0.0
+    # The value trained on imagined states as well: the policy rolled imagined_horizon steps through the world model
+    # from each batch's encoded states, TD(imagined_lambda) targets on the plan's own step costs. 0: real states only.
+    imagined_horizon: int = 0
+    imagined_lambda: float = 0.95
     # The plan's last imagined state is priced by the critic's value at this weight (in [0, 1]) and by the analytic
     # terms at 1 - value_weight: 0 where the critic's value cannot be trusted (a goal that moves, a fall).
     value_weight: float = 1.0
@@ -508,7 +517,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"agent.shield.recovery_action={list(a.shield.recovery_action)}: expected actions in "
                           "[-1, 1] (the env's bounds are mapped there)")
     for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates",
-                "agent.cost.boredom_weight"):
+                "agent.cost.boredom_weight", "agent.cost.imagined_horizon", "agent.cost.value_pessimism"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected a number >= 0 (0 turns it off)")
     for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
@@ -524,11 +533,17 @@ def validate(cfg: DictConfig) -> None:
                 "reward_free.critic_batch_size",
                 "reward_free.log_every", "reward_free.picture_every", "reward_free.checkpoint_every",
                 "reward_free.probe_frames", "env.image_size", "env.frame_stack", "env.action_repeat",
+                "agent.cost.value_ensemble",
                 "agent.world_model.ensemble_size",
                 "agent.shield.trust_window"):
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:
         raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")
+    if not 0 <= a.cost.imagined_lambda <= 1:
+        raise ConfigError(f"agent.cost.imagined_lambda={a.cost.imagined_lambda!r}: expected a number in [0, 1]")
+    if a.cost.imagined_horizon and a.cost.discount == 1:
+        raise ConfigError(f"agent.cost.imagined_horizon={a.cost.imagined_horizon!r} trains the value, which needs "
+                          "agent.cost.discount < 1")
     if a.cost.termination_cost and a.cost.discount == 1:
         raise ConfigError(f"agent.cost.termination_cost={a.cost.termination_cost!r} needs "
                           "agent.cost.discount < 1 (the cost is paid forever after termination)")

@@ -13,6 +13,7 @@ from torch import nn
 from ami.agent import Agent
 from ami.config import AgentConfig, RewardFreeConfig
 from ami.distributed import Group
+from modules.actor import PlanContext
 from modules.memory import SequenceBatch
 
 
@@ -43,6 +44,21 @@ def hindsight_goals(index: torch.Tensor, first: torch.Tensor, last: torch.Tensor
     future = torch.minimum(index + ahead.long().clamp_min(1), last[index])
     anywhere = first[index] + (torch.rand(batch, generator=generator) * (last[index] - first[index] + 1)).long()
     return torch.where(kind < 0.2, index, torch.where(kind < 0.7, future, anywhere))
+
+
+def imagined_value_loss(agent: Agent, start: torch.Tensor, context: PlanContext, horizon: int
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The critic's loss on imagined states: the policy (which imitates the planner) rolled `horizon` steps through
+    the world model from start (B, D), each step priced as a plan prices it (context: the plan energy's, bound to
+    the task's weights), the episode going on as far as the continuation head (when there is one) predicts."""
+    critic = agent.cost.critic
+    with torch.no_grad():
+        start = start.detach()
+        actions = agent.actor.policy.propose(start, agent.world_model, horizon)  # (H, B, A)
+        states = agent.world_model.rollout(start, actions)  # (H + 1, B, D)
+        costs = agent.actor.energy.step_costs(states, actions, context)
+        continues = None if critic.continuation_head is None else critic.continuation(states[1:])
+    return critic.imagined_loss(states, costs, continues)
 
 
 def imitation_error(policy: nn.Module, states: torch.Tensor, plan_actions: torch.Tensor,
@@ -77,10 +93,23 @@ class Learner:
 
         self.world_model_loss = self.group.objective(compiled(agent.world_model.loss), perception=agent.perception,
                                                      world_model=agent.world_model)
-        self.critic_loss = self.group.objective(compiled(agent.cost.critic.loss), critic=agent.cost.critic)
+        imagined_horizon = config.cost.imagined_horizon
+
+        def critic_loss(states: torch.Tensor, actions: torch.Tensor, total_costs: torch.Tensor,
+                        measured_costs: torch.Tensor, terminated: torch.Tensor, context: PlanContext | None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            """The critic's loss on the batch's real states, and (imagined_horizon > 0) on imagined ones."""
+            loss, stats = agent.cost.critic.loss(states, actions, total_costs, measured_costs, terminated)
+            if not imagined_horizon:
+                return loss, stats
+            imagined, imagined_stats = imagined_value_loss(agent, states[0], context, imagined_horizon)
+            return loss + imagined, {**stats, **imagined_stats}
+
+        self.critic_loss = self.group.objective(compiled(critic_loss), critic=agent.cost.critic)
         self.imitation_error = self.group.objective(compiled(imitation_error), policy=agent.actor.policy)
         self.prediction_loss = compiled(agent.world_model.prediction_loss)
         self.goal_critic_loss = None if agent.cost.goal_critic is None else compiled(agent.cost.goal_critic.loss)
+        self._imagined_context: tuple[torch.Tensor, PlanContext] | None = None  # (the weights, bound to them)
         lr = config.world_model.lr
         self.optimisers: dict[str, torch.optim.Optimizer] = {
             "world_model": torch.optim.Adam([*agent.perception.encoder.parameters(),
@@ -160,8 +189,9 @@ class Learner:
         if intrinsic.term_names:
             terms = batch.cost_terms.to(device) * agent.configurator.weight_vector  # (L, B, T)
             measured = (terms * intrinsic.mask("measured", device)).sum(-1)
+            context = self._context(states[0]) if cfg.cost.imagined_horizon else None
             critic_loss, critic_stats = self.critic_loss(states, actions, terms.sum(-1), measured,
-                                                         batch.terminated.to(device))
+                                                         batch.terminated.to(device), context)
             losses["critic"] = (critic_loss, cfg.cost.grad_clip)
             stats.update({f"cost/critic/{key}": value for key, value in critic_stats.items()})
 
@@ -182,6 +212,14 @@ class Learner:
         agent.world_model_trained = True
         self.updates += 1
         return stats
+
+    def _context(self, start: torch.Tensor) -> PlanContext:
+        """The plan energy's context at the configurator's current weights, bound again only when they change
+        (binding reads the host)."""
+        weights = self.agent.configurator.weight_vector
+        if self._imagined_context is None or self._imagined_context[0] is not weights:
+            self._imagined_context = (weights, self.agent.actor.energy.bind(weights).bound_context(start))
+        return self._imagined_context[1]
 
     def update_predictor(self, latents: torch.Tensor) -> dict[str, float | torch.Tensor]:
         """One predictor-only update: rollouts of predictor_horizon steps on a frozen encoder's latents of every

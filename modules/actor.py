@@ -108,9 +108,7 @@ class PlanEnergy:
         states = self.world_model.rollout(state, actions)  # (H + 1, B, D)
         quantities = self.world_model.readout(states) + context.readout_offset
         weights = context.analytic_weights
-        step_cost = (self.intrinsic_cost.analytic_terms(quantities[:-1], actions) * weights).sum(-1)  # (H, B)
-        if context.use_step_head:
-            step_cost = step_cost + self.critic.step_cost(states[:-1], actions)
+        step_cost = self._step_costs(states, quantities, actions, context)  # (H, B)
         gammas = discount_weights(horizon + 1, self.discount, state.device)
         tail = torch.zeros_like(step_cost[0])
         if self.value_weight < 1:
@@ -141,6 +139,19 @@ class PlanEnergy:
                 bored = context.boredom_scale * bored
             energy = energy + self.boredom_weight * bored
         return energy, states
+
+    def _step_costs(self, states: torch.Tensor, quantities: torch.Tensor, actions: torch.Tensor,
+                    context: PlanContext) -> torch.Tensor:
+        cost = (self.intrinsic_cost.analytic_terms(quantities[:-1], actions) * context.analytic_weights).sum(-1)
+        if context.use_step_head:
+            cost = cost + self.critic.step_cost(states[:-1], actions)
+        return cost
+
+    def step_costs(self, states: torch.Tensor, actions: torch.Tensor, context: PlanContext) -> torch.Tensor:
+        """The intrinsic cost of each imagined step as a plan prices it, the analytic terms on the readout and the
+        step head's measured terms: states (H + 1, B, D), actions (H, B, A) -> (H, B)."""
+        quantities = self.world_model.readout(states) + context.readout_offset
+        return self._step_costs(states, quantities, actions, context)
 
     def goal_distance(self, states: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         """states: (..., B, D), goal: (B, D) -> (..., B) by the goal term's metric."""

@@ -329,6 +329,29 @@ def value_targets(costs: torch.Tensor, terminated: torch.Tensor, bootstrap: torc
     return returns
 
 
+def lambda_returns(costs: torch.Tensor, continues: torch.Tensor, values: torch.Tensor, discount: float,
+                   lam: float, terminal_value: float = 0.0) -> torch.Tensor:
+    """TD(lambda) cost-to-go along an imagined sequence.
+
+    costs, continues: (H, B); values: (H + 1, B) each state's cost-to-go estimate. G_H = V_H and
+    G_t = c_t + discount * [(1 - continues_t) terminal_value + continues_t ((1 - lam) V_t+1 + lam G_t+1)]:
+    lam = 1 is the H-step return bootstrapped from V_H, lam = 0 one-step TD. -> (H, B)
+    """
+    returns = torch.empty_like(costs)
+    future = values[-1]
+    for t in range(costs.shape[0] - 1, -1, -1):
+        going_on = (1.0 - lam) * values[t + 1] + lam * future
+        future = costs[t] + discount * ((1.0 - continues[t]) * terminal_value + continues[t] * going_on)
+        returns[t] = future
+    return returns
+
+
+def pessimistic(values: torch.Tensor, pessimism: float) -> torch.Tensor:
+    """values: (members, ...) costs-to-go -> (...,) their mean + pessimism x their std over members (population):
+    above the mean where the members disagree, for pessimism > 0."""
+    return values.mean(0) + pessimism * values.std(0, correction=0)
+
+
 def expected_discounted_cost(step_costs: torch.Tensor, continues: torch.Tensor, tail: torch.Tensor,
                              discount: float, terminal_value: float = 0.0) -> torch.Tensor:
     """The discounted cost of a sequence whose episode may end on the way, in expectation.
@@ -354,8 +377,12 @@ class TrainableCritic(nn.Module):
         super().__init__()
         self.config = config
         self.value_head = mlp(latent_dim, config.critic_hidden_dim, 1)
+        # The value ensemble's other members (value_ensemble - 1 of them), as the world model keeps its ensemble.
+        self.value_ensemble = nn.ModuleList(mlp(latent_dim, config.critic_hidden_dim, 1)
+                                            for _ in range(config.value_ensemble - 1))
         self.step_head = mlp(latent_dim + action_dim, config.critic_hidden_dim, 1)
         self.target_value_head = copy.deepcopy(self.value_head).requires_grad_(False)
+        self.target_value_ensemble = copy.deepcopy(self.value_ensemble).requires_grad_(False)
         self.continuation_head = mlp(latent_dim, config.critic_hidden_dim, 1) if config.continuation else None
 
     @property
@@ -367,9 +394,18 @@ class TrainableCritic(nn.Module):
         """states: (..., D) -> (...,) in (0, 1)."""
         return torch.sigmoid(self.continuation_head(states).squeeze(-1))
 
-    def value(self, states: torch.Tensor) -> torch.Tensor:
-        """states: (..., D) -> (...,)."""
-        return self.value_head(states).squeeze(-1)
+    def member_values(self, states: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """states: (..., D) -> (members, ...), the online heads' or the target heads'."""
+        head, others = (self.target_value_head, self.target_value_ensemble) if target \
+            else (self.value_head, self.value_ensemble)
+        return torch.stack([member(states).squeeze(-1) for member in (head, *others)])
+
+    def value(self, states: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """states: (..., D) -> (...,): the members' mean + value_pessimism x their std (over members, population)."""
+        if not len(self.value_ensemble):
+            head = self.target_value_head if target else self.value_head
+            return head(states).squeeze(-1)
+        return pessimistic(self.member_values(states, target), self.config.value_pessimism)
 
     def step_cost(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """states: (..., D), actions: (..., A) -> (...,)."""
@@ -391,14 +427,30 @@ class TrainableCritic(nn.Module):
         if self.config.discount >= 1.0:
             return loss, stats
         with torch.no_grad():
-            bootstrap = self.target_value_head(states[-1]).squeeze(-1)
+            bootstrap = self.value(states[-1], target=True)
             targets = value_targets(total_costs, terminated, bootstrap, self.config.discount, self.terminal_value)
-        value_loss = (self.value(states[:-1]) - targets).pow(2).mean()
+        # Each member on its own error (summed: each learns at the critic's rate), reported as their mean.
+        errors = (self.member_values(states[:-1]) - targets).pow(2).mean((1, 2))
+        value_loss = errors.mean()
         stats.update(value_loss=value_loss.detach(), value_mean=targets.mean())
-        return loss + value_loss, stats
+        return loss + errors.sum(), stats
+
+    def imagined_loss(self, states: torch.Tensor, costs: torch.Tensor, continues: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The value on states the world model imagines, as plans query it: states (H + 1, B, D) of a rollout, costs
+        (H, B) of its steps, continues (H, B) (None: every step goes on) -> (the loss, its parts), TD(lambda)
+        targets from the target heads (config.imagined_lambda)."""
+        with torch.no_grad():
+            continues = torch.ones_like(costs) if continues is None else continues
+            targets = lambda_returns(costs, continues, self.value(states, target=True), self.config.discount,
+                                     self.config.imagined_lambda, self.terminal_value)
+        errors = (self.member_values(states[:-1].detach()) - targets).pow(2).mean((1, 2))
+        return errors.sum(), {"imagined_value_loss": errors.mean().detach(), "imagined_value_mean": targets.mean()}
 
     def update_target(self) -> None:
         soft_update(self.target_value_head, self.value_head, self.config.critic_tau)
+        if len(self.value_ensemble):
+            soft_update(self.target_value_ensemble, self.value_ensemble, self.config.critic_tau)
 
 
 def discount_weights(horizon: int, discount: float, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -35,6 +35,11 @@ BAD_OVERRIDES = [
     ("agent.actor.random_hold=0.5", "agent.actor.random_hold"),
     ("agent.configurator.mode1_gap=-0.1", "agent.configurator.mode1_gap"),
     ("agent.configurator.audit_every=0", "agent.configurator.audit_every"),
+    ("env.action_repeat=0", "env.action_repeat"),
+    ("agent.cost.value_ensemble=0", "agent.cost.value_ensemble"),
+    ("agent.cost.value_pessimism=-1", "agent.cost.value_pessimism"),
+    ("agent.cost.imagined_horizon=-1", "agent.cost.imagined_horizon"),
+    ("agent.cost.imagined_lambda=1.5", "agent.cost.imagined_lambda"),
 ]
 
 

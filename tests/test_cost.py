@@ -14,7 +14,14 @@ from ami.config import ConfiguratorConfig, CostConfig, CostTermConfig, RewardFre
 from ami.envs import make_env
 from ami.learner import Learner
 from modules.configurator import Configurator
-from modules.cost import GuardrailError, IntrinsicCost, TrainableCritic, expected_discounted_cost, value_targets
+from modules.cost import (
+    GuardrailError,
+    IntrinsicCost,
+    TrainableCritic,
+    expected_discounted_cost,
+    lambda_returns,
+    value_targets,
+)
 
 PENDULUM_NAMES = ["cos_theta", "sin_theta", "theta_dot"]
 
@@ -257,6 +264,62 @@ def test_a_predicted_end_stops_the_plans_cost_there_as_a_real_termination_would(
     free = energy.bind(weights)(state, actions.detach())[0]
     gamma, first_end = cfg.cost.discount, torch.tensor(ends, dtype=torch.float32)
     torch.testing.assert_close(ended[:-1].detach() - free[:-1], 2.0 * gamma ** (first_end + 1.0) / (1 - gamma))
+
+
+def test_lambda_returns_span_one_step_td_to_the_bootstrapped_return_and_stop_at_an_end():
+    costs = torch.tensor([[1.0], [2.0], [3.0]])
+    values = torch.tensor([[0.0], [4.0], [6.0], [10.0]])  # V(s_0) .. V(s_3)
+    going_on, gamma = torch.ones(3, 1), 0.5
+    # lam 1: the 3-step return bootstrapped from V(s_3), as value_targets computes it on real sequences.
+    torch.testing.assert_close(lambda_returns(costs, going_on, values, gamma, 1.0),
+                               value_targets(costs, torch.zeros(3, 1, dtype=torch.bool), values[-1], gamma))
+    # lam 0: one-step TD, c_t + gamma V(s_t+1).
+    torch.testing.assert_close(lambda_returns(costs, going_on, values, gamma, 0.0), costs + gamma * values[1:])
+    # An end after step 1 (continues 0 there): G_1 = 2 + .5 * 7 (terminal value), G_0 = 1 + .5 * (.5 * 4 + .5 G_1).
+    ended = torch.tensor([[1.0], [0.0], [1.0]])
+    returns = lambda_returns(costs, ended, values, gamma, 0.5, terminal_value=7.0)
+    torch.testing.assert_close(returns[1], torch.tensor([5.5]))
+    torch.testing.assert_close(returns[0], torch.tensor([1.0 + 0.5 * (2.0 + 0.5 * 5.5)]))
+
+
+def _constant_members(heads, values) -> None:
+    """Hand-made value heads: head k outputs values[k] everywhere."""
+    with torch.no_grad():
+        for head, value in zip(heads, values, strict=True):
+            head[-1].weight.zero_()
+            head[-1].bias.fill_(value)
+
+
+def test_a_pessimistic_value_ensemble_prices_disagreement_and_plans_by_it(make_agent):
+    """Three hand-made members: where they agree the value is their mean; where they disagree it is the mean plus
+    value_pessimism times their spread (a cost-to-go: worse than the mean), in the critic's targets' bootstrap as
+    in the plan energy's last state."""
+    critic = TrainableCritic(4, 1, CostConfig(discount=0.5, critic_hidden_dim=8, value_ensemble=3,
+                                              value_pessimism=1.0))
+    states = torch.randn(5, 4)
+    _constant_members([critic.value_head, *critic.value_ensemble], [2.0, 2.0, 2.0])
+    torch.testing.assert_close(critic.value(states), torch.full((5,), 2.0))
+    _constant_members([critic.value_head, *critic.value_ensemble], [1.0, 2.0, 3.0])
+    spread = float(np.std([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(critic.value(states), torch.full((5,), 2.0 + spread))
+    assert critic.member_values(states).shape == (3, 5)
+    # The bootstrap: zero costs, never terminated, a one-step sequence -> the target is discount x the aggregate.
+    _constant_members([critic.target_value_head, *critic.target_value_ensemble], [0.0, 4.0, 8.0])
+    _, stats = critic.loss(torch.randn(2, 3, 4), torch.zeros(1, 3, 1), torch.zeros(1, 3), torch.zeros(1, 3),
+                           torch.zeros(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(stats["value_mean"], torch.tensor(0.5 * (4.0 + float(np.std([0.0, 4.0, 8.0])))))
+    # The planner prices a plan's last state by the aggregate: pessimism 1 adds gamma^H x the spread.
+    agent, cfg = make_agent("agent.cost.value_ensemble=3", "agent.cost.value_pessimism=1.0")
+    critic = agent.cost.critic
+    _constant_members([critic.value_head, *critic.value_ensemble], [1.0, 2.0, 3.0])
+    weights = agent.cost.intrinsic.weight_vector(agent.configurator.weights)
+    state = agent.perception(torch.randn(4, 3)).detach()
+    actions = torch.rand(cfg.actor.horizon, 4, 1) * 2 - 1
+    pessimistic_energy = agent.actor.energy.bind(weights)(state, actions)[0]
+    critic.config = dataclasses.replace(critic.config, value_pessimism=0.0)
+    mean_energy = agent.actor.energy.bind(weights)(state, actions)[0]
+    torch.testing.assert_close(pessimistic_energy - mean_energy,
+                               torch.full((4,), cfg.cost.discount ** cfg.actor.horizon * spread))
 
 
 def test_the_continuation_head_learns_where_real_episodes_end():

@@ -32,13 +32,19 @@ def batches(agent, count, seed=0):
     return out
 
 
-def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memory, captured_graphs):
+# The critic as it comes, and with every part it can add: imagined-state values, an ensemble, a continuation head.
+CRITICS = {"plain": [], "imagined": ["agent.cost.imagined_horizon=3", "agent.cost.value_ensemble=2",
+                                     "agent.cost.value_pessimism=0.5", "agent.cost.continuation=true"]}
+
+
+@pytest.mark.parametrize("critic", list(CRITICS))
+def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memory, captured_graphs, critic):
     """Three joint updates (world model with perception, critic, policy) and one predictor-only update, eager and
     compiled from the same parameters on the same batches: the same parameters after them, to float rounding, and
     the figures they return are tensors (read when logged, not inside the update). Each loss is captured whole
     (fullgraph: a graph break fails) with its backward by AOTAutograd (conftest's captured_graphs)."""
-    agent, cfg = make_agent(num_envs=2)
-    twin = make_agent(num_envs=2)[0]  # the same seed: the same parameters
+    agent, cfg = make_agent(*CRITICS[critic], num_envs=2)
+    twin = make_agent(*CRITICS[critic], num_envs=2)[0]  # the same seed: the same parameters
     for one in (agent, twin):
         fill_memory(one, 60)  # and the same observation statistics
     compiled_cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, compile=True))
@@ -47,7 +53,10 @@ def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memo
         eager_stats, compiled_stats = eager.update(batch), compiled.update(batch)
     assert isinstance(compiled_stats["world_model/loss"], torch.Tensor)
     assert isinstance(compiled_stats["cost/critic/value_loss"], torch.Tensor)
-    for key in ("world_model/loss", "cost/critic/value_loss", "actor/policy_imitation_loss", "world_model/grad_norm"):
+    keys = ["world_model/loss", "cost/critic/value_loss", "actor/policy_imitation_loss", "world_model/grad_norm"]
+    if critic == "imagined":
+        keys += ["cost/critic/imagined_value_loss", "cost/critic/continuation_loss"]
+    for key in keys:
         assert torch.allclose(eager_stats[key], compiled_stats[key], rtol=1e-4), key
     latents = agent.perception(agent.memory.obs.flatten(0, 1)).detach()
     eager.update_predictor(latents)
@@ -55,7 +64,7 @@ def test_the_compiled_update_takes_the_eager_updates_steps(make_agent, fill_memo
     before, after = trained_parameters(agent), trained_parameters(twin)
     for name, value in before.items():
         assert torch.allclose(value, after[name], atol=1e-5), name
-    start = make_agent(num_envs=2)[0]  # the same seed: the parameters before any update
+    start = make_agent(*CRITICS[critic], num_envs=2)[0]  # the same seed: the parameters before any update
     for part, module in trained_modules(start).items():
         assert any(not torch.allclose(value, before[f"{part}.{name}"]) for name, value in module.named_parameters())
 

@@ -231,7 +231,8 @@ def run(env: str, steps: int, seeds: list[int], vs: str, eval_every: int, episod
     for p in points:
         writer.add_scalar(f"bench/{p.method}/s{p.seed}/return_mean", p.result.mean, p.step)
     writer.close()
-    print(f"\n{cfg.env.id}, {len(seeds)} seeds, {episodes} eval episodes each (mean ± std over seeds)")
+    repeat = f"; a step is {cfg.env.action_repeat} env steps (env.action_repeat)" if cfg.env.action_repeat > 1 else ""
+    print(f"\n{cfg.env.id}, {len(seeds)} seeds, {episodes} eval episodes each (mean ± std over seeds){repeat}")
     print(table(points, methods))
     if threshold is not None:
         reached = {m: steps_to(points, m, threshold) for m in methods}
