@@ -207,6 +207,9 @@ class ActorConfig:
     # Mode-1 policy
     policy_hidden_dim: int = 128
     policy_lr: float = 3e-4
+    # The policy trained down the plan energy of its own action as well (a one-step plan: the step's cost, then the
+    # value), at this weight beside its imitation of Mode-2's plans: 0 imitates alone.
+    policy_value_weight: float = 0.0
 
 
 @dataclass
@@ -517,7 +520,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"agent.shield.recovery_action={list(a.shield.recovery_action)}: expected actions in "
                           "[-1, 1] (the env's bounds are mapped there)")
     for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates",
-                "agent.cost.boredom_weight", "agent.cost.imagined_horizon", "agent.cost.value_pessimism"):
+                "agent.cost.boredom_weight", "agent.cost.imagined_horizon", "agent.cost.value_pessimism",
+                "agent.actor.policy_value_weight"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected a number >= 0 (0 turns it off)")
     for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",

@@ -13,7 +13,7 @@ from torch import nn
 from ami.agent import Agent
 from ami.config import AgentConfig, RewardFreeConfig
 from ami.distributed import Group
-from modules.actor import PlanContext
+from modules.actor import BoundEnergy, PlanContext
 from modules.memory import SequenceBatch
 
 
@@ -70,6 +70,16 @@ def imitation_error(policy: nn.Module, states: torch.Tensor, plan_actions: torch
     return (squared * planned).sum()
 
 
+def policy_energy_surrogate(agent: Agent, states: torch.Tensor, context: PlanContext) -> torch.Tensor:
+    """The policy pushed down the plan energy of its own action, a one-step plan (the step's cost, then the value):
+    states (N, D) -> a scalar whose gradient in the policy's parameters is the mean of dE/da . da/dtheta. The
+    energy's gradient is taken in the action alone (torch.func), so nothing reaches the world model or critic."""
+    actions = agent.actor.policy(states)
+    with torch.no_grad():
+        _, grad, _ = agent.actor.energy.functional_value_and_grad(states, actions.detach()[None], context)
+    return (actions * grad[0]).sum(-1).mean()
+
+
 class Learner:
     """Each update samples from memory and steps one optimiser per trained part.
 
@@ -106,10 +116,23 @@ class Learner:
             return loss + imagined, {**stats, **imagined_stats}
 
         self.critic_loss = self.group.objective(compiled(critic_loss), critic=agent.cost.critic)
-        self.imitation_error = self.group.objective(compiled(imitation_error), policy=agent.actor.policy)
+        value_weight = config.actor.policy_value_weight
+
+        def policy_loss(states: torch.Tensor, plan_actions: torch.Tensor, planned: torch.Tensor,
+                        imitation_scale: torch.Tensor, context: PlanContext | None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            """The policy's imitation of Mode-2's planned actions (its summed error times imitation_scale), and
+            (policy_value_weight > 0) its own action's plan energy on every batch state."""
+            imitation = imitation_error(agent.actor.policy, states, plan_actions, planned) * imitation_scale
+            if not value_weight:
+                return imitation, {"policy_imitation_loss": imitation.detach()}
+            surrogate = policy_energy_surrogate(agent, states[:-1].flatten(0, 1).detach(), context)
+            return imitation + value_weight * surrogate, {"policy_imitation_loss": imitation.detach()}
+
+        self.policy_loss = self.group.objective(compiled(policy_loss), policy=agent.actor.policy)
         self.prediction_loss = compiled(agent.world_model.prediction_loss)
         self.goal_critic_loss = None if agent.cost.goal_critic is None else compiled(agent.cost.goal_critic.loss)
-        self._imagined_context: tuple[torch.Tensor, PlanContext] | None = None  # (the weights, bound to them)
+        self._bound: tuple[torch.Tensor, BoundEnergy] | None = None  # (the weights, the energy bound to them)
         lr = config.world_model.lr
         self.optimisers: dict[str, torch.optim.Optimizer] = {
             "world_model": torch.optim.Adam([*agent.perception.encoder.parameters(),
@@ -198,13 +221,17 @@ class Learner:
         planned = batch.planned.to(device)
         stats["actor/policy_imitation_loss"] = None
         planned_rows = self.group.sum([float(planned.sum())])[0]  # over the group: a rank may have none
-        if planned_rows:
+        value_trained = bool(cfg.actor.policy_value_weight) and bool(intrinsic.term_names)
+        if planned_rows or value_trained:
             target = batch.plan_actions.to(device)
             # The mean over the group's planned steps: DDP averages the ranks' gradients, hence world_size.
-            squared = self.imitation_error(agent.actor.policy, states, target, planned)
-            imitation = squared * self.group.world_size / (planned_rows * target.shape[-1])
-            losses["policy"] = (imitation, 10.0)
-            stats["actor/policy_imitation_loss"] = imitation.detach()
+            scale = self.group.world_size / (planned_rows * target.shape[-1]) if planned_rows else 0.0
+            context = self._context(states[:-1].flatten(0, 1)) if value_trained else None
+            policy_loss, policy_stats = self.policy_loss(states, target, planned, torch.tensor(scale, device=device),
+                                                         context)
+            losses["policy"] = (policy_loss, 10.0)
+            if planned_rows:
+                stats["actor/policy_imitation_loss"] = policy_stats["policy_imitation_loss"]
         stats["world_model/grad_norm"] = self._step(losses)["world_model"]
         agent.perception.update_target()
         if "critic" in losses:
@@ -213,13 +240,13 @@ class Learner:
         self.updates += 1
         return stats
 
-    def _context(self, start: torch.Tensor) -> PlanContext:
-        """The plan energy's context at the configurator's current weights, bound again only when they change
-        (binding reads the host)."""
+    def _context(self, states: torch.Tensor) -> PlanContext:
+        """The plan energy's context for these state rows (N, D) at the configurator's current weights, bound again
+        only when they change (binding reads the host)."""
         weights = self.agent.configurator.weight_vector
-        if self._imagined_context is None or self._imagined_context[0] is not weights:
-            self._imagined_context = (weights, self.agent.actor.energy.bind(weights).bound_context(start))
-        return self._imagined_context[1]
+        if self._bound is None or self._bound[0] is not weights:
+            self._bound = (weights, self.agent.actor.energy.bind(weights))
+        return self._bound[1].bound_context(states)
 
     def update_predictor(self, latents: torch.Tensor) -> dict[str, float | torch.Tensor]:
         """One predictor-only update: rollouts of predictor_horizon steps on a frozen encoder's latents of every

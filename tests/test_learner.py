@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ami.config import RewardFreeConfig
-from ami.learner import Learner, NonFiniteLossError
+from ami.learner import Learner, NonFiniteLossError, policy_energy_surrogate
 
 
 def trained_modules(agent):
@@ -32,9 +32,11 @@ def batches(agent, count, seed=0):
     return out
 
 
-# The critic as it comes, and with every part it can add: imagined-state values, an ensemble, a continuation head.
+# The critic and policy as they come, and with every part they can add: imagined-state values, an ensemble, a
+# continuation head, the policy trained down its action's plan energy.
 CRITICS = {"plain": [], "imagined": ["agent.cost.imagined_horizon=3", "agent.cost.value_ensemble=2",
-                                     "agent.cost.value_pessimism=0.5", "agent.cost.continuation=true"]}
+                                     "agent.cost.value_pessimism=0.5", "agent.cost.continuation=true",
+                                     "agent.actor.policy_value_weight=0.5"]}
 
 
 @pytest.mark.parametrize("critic", list(CRITICS))
@@ -85,3 +87,36 @@ def test_a_non_finite_critic_loss_stops_the_update_before_any_parameter_moves(ma
     assert all(p.grad is None for p in agent.world_model.parameters())
     learner.update(batch)  # the same learner goes on with good data
     assert learner.updates == 1
+
+
+def test_the_policy_value_term_lowers_its_own_actions_plan_energy_and_trains_nothing_else(make_agent, fill_memory):
+    """The surrogate's gradient is dE/da . da/dtheta for the one-step plan energy E of the policy's own action (the
+    step's cost, then the value): steps on it alone take the policy's energy more than half the way to each state's
+    best constant action's, and no gradient reaches the world model or the critic."""
+    agent, cfg = make_agent("agent.actor.policy_value_weight=1.0")
+    fill_memory(agent, 100)
+    learner = Learner(agent, cfg, RewardFreeConfig(), 0)
+    for _ in range(30):  # a world model and critic that mean something
+        learner.update()
+    states = agent.perception(agent.memory.obs[:100, 0]).detach()
+    context = learner._context(states)
+
+    def energy(actions=None):
+        with torch.no_grad():
+            actions = agent.actor.policy(states) if actions is None else actions
+            return agent.actor.energy(states, actions[None], context)[0]
+
+    before = float(energy().mean())
+    # Each state's best of 21 constant actions: how low a one-step plan can go.
+    best = float(torch.stack([energy(torch.full((100, 1), level)) for level in torch.linspace(-1, 1, 21).tolist()])
+                 .min(0).values.mean())
+    optimiser = torch.optim.Adam(agent.actor.policy.parameters(), lr=3e-3)
+    for _ in range(40):
+        for module in (agent.world_model, agent.cost.critic):
+            module.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
+        policy_energy_surrogate(agent, states, context).backward()
+        assert all(p.grad is None for m in (agent.world_model, agent.cost.critic) for p in m.parameters())
+        optimiser.step()
+    after = float(energy().mean())
+    assert after < before - 0.5 * (before - best), (before, after, best)  # more than half the way there
