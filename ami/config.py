@@ -208,7 +208,8 @@ class ActorConfig:
     policy_hidden_dim: int = 128
     policy_lr: float = 3e-4
     # The policy trained down the plan energy of its own action as well (a one-step plan: the step's cost, then the
-    # value), at this weight beside its imitation of Mode-2's plans: 0 imitates alone.
+    # value), at this weight beside its imitation of Mode-2's plans: 0 imitates alone. The energy is divided by its
+    # spread over the batch, so the weight does not depend on the reward's scale.
     policy_value_weight: float = 0.0
 
 

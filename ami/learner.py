@@ -72,12 +72,15 @@ def imitation_error(policy: nn.Module, states: torch.Tensor, plan_actions: torch
 
 def policy_energy_surrogate(agent: Agent, states: torch.Tensor, context: PlanContext) -> torch.Tensor:
     """The policy pushed down the plan energy of its own action, a one-step plan (the step's cost, then the value):
-    states (N, D) -> a scalar whose gradient in the policy's parameters is the mean of dE/da . da/dtheta. The
-    energy's gradient is taken in the action alone (torch.func), so nothing reaches the world model or critic."""
+    states (N, D) -> a scalar whose gradient in the policy's parameters is the mean of dE/da . da/dtheta over the
+    energies' spread across the batch (std), so its weight beside imitation does not depend on the reward's scale
+    (TD-MPC2 divides its Q by a running range for the same reason). The energy's gradient is taken in the action
+    alone (torch.func), so nothing reaches the world model or critic."""
     actions = agent.actor.policy(states)
     with torch.no_grad():
-        _, grad, _ = agent.actor.energy.functional_value_and_grad(states, actions.detach()[None], context)
-    return (actions * grad[0]).sum(-1).mean()
+        energy, grad, _ = agent.actor.energy.functional_value_and_grad(states, actions.detach()[None], context)
+        spread = energy.std().clamp_min(1e-3)
+    return (actions * grad[0]).sum(-1).mean() / spread
 
 
 class Learner:
