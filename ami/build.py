@@ -9,7 +9,8 @@ from ami.agent import Agent
 from ami.config import ActorConfig, AgentConfig, ConfigError
 from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
-from modules.cost import Cost, GoalCritic, IntrinsicCost, TrainableCritic
+from modules.cost import Cost, IntrinsicCost
+from modules.critic import GoalCritic, TrainableCritic
 from modules.memory import EpisodeTrail, ShortTermMemory
 from modules.nn import Repairs
 from modules.perception import ImagePerception, Perception

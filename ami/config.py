@@ -113,7 +113,7 @@ class GoalConfig:
     """The intrinsic cost's goal term, on when the observation carries a goal: the configurator encodes the
     goal observation, and every imagined state pays weight * distance(s_t, goal), the plan's last
     state final_weight * distance more. metric: "l2" or "squared" (modules.cost.latent_goal_distance), or
-    "critic": the goal critic's steps to the goal (modules.cost.GoalCritic, trained by the reward-free run)."""
+    "critic": the goal critic's steps to the goal (modules.critic.GoalCritic, trained by the reward-free run)."""
 
     weight: float = 1.0
     final_weight: float = 10.0

@@ -53,7 +53,6 @@ def imagined_value_loss(agent: Agent, start: torch.Tensor, context: PlanContext,
     the task's weights), the episode going on as far as the continuation head (when there is one) predicts."""
     critic = agent.cost.critic
     with torch.no_grad():
-        start = start.detach()
         actions = agent.actor.policy.propose(start, agent.world_model, horizon)  # (H, B, A)
         states = agent.world_model.rollout(start, actions)  # (H + 1, B, D)
         costs = agent.actor.energy.step_costs(states, actions, context)

@@ -17,15 +17,8 @@ from torch import nn
 
 from ami.config import ActorConfig, GoalConfig
 from ami.messages import Percept, Plan, Task
-from modules.cost import (
-    GoalCritic,
-    IntrinsicCost,
-    TrainableCritic,
-    boredom,
-    discount_weights,
-    expected_discounted_cost,
-    latent_goal_distance,
-)
+from modules.cost import IntrinsicCost, boredom, latent_goal_distance
+from modules.critic import GoalCritic, TrainableCritic, discount_weights, expected_discounted_cost
 from modules.nn import Repairs, mlp
 from modules.planners import autograd_energy_and_grad, shift_plan
 from modules.world_model import WorldModel
@@ -64,7 +57,7 @@ class PlanEnergy:
 
     E = sum_{t<H} gamma^t [IC_analytic(readout(s_t), a_t) + TC_step(s_t, a_t)]
         + gamma^H [(1 - w_v) IC_analytic(readout(s_H), 0) + w_v TC_value(s_H)]
-        (with a continuation head, these in expectation over where the episode ends: modules.cost's
+        (with a continuation head, these in expectation over where the episode ends: modules.critic's
         expected_discounted_cost)
         + (with an ego model) the shield's guardrail cost of the first action
         + (with a goal g) sum_{t=1..H} gamma^t w_g d(s_t, g) + w_f d(s_H, g) + w_c steps(s_H, g)

@@ -14,14 +14,8 @@ from ami.config import ConfiguratorConfig, CostConfig, CostTermConfig, RewardFre
 from ami.envs import make_env
 from ami.learner import Learner
 from modules.configurator import Configurator
-from modules.cost import (
-    GuardrailError,
-    IntrinsicCost,
-    TrainableCritic,
-    expected_discounted_cost,
-    lambda_returns,
-    value_targets,
-)
+from modules.cost import GuardrailError, IntrinsicCost
+from modules.critic import TrainableCritic, expected_discounted_cost, lambda_returns, value_targets
 
 PENDULUM_NAMES = ["cos_theta", "sin_theta", "theta_dot"]
 
@@ -270,9 +264,8 @@ def test_lambda_returns_span_one_step_td_to_the_bootstrapped_return_and_stop_at_
     costs = torch.tensor([[1.0], [2.0], [3.0]])
     values = torch.tensor([[0.0], [4.0], [6.0], [10.0]])  # V(s_0) .. V(s_3)
     going_on, gamma = torch.ones(3, 1), 0.5
-    # lam 1: the 3-step return bootstrapped from V(s_3), as value_targets computes it on real sequences.
-    torch.testing.assert_close(lambda_returns(costs, going_on, values, gamma, 1.0),
-                               value_targets(costs, torch.zeros(3, 1, dtype=torch.bool), values[-1], gamma))
+    # lam 1: the 3-step return bootstrapped from V(s_3) alone, the values between unread (G = 4, 6, 8).
+    torch.testing.assert_close(lambda_returns(costs, going_on, values, gamma, 1.0), torch.tensor([[4.0], [6.0], [8.0]]))
     # lam 0: one-step TD, c_t + gamma V(s_t+1).
     torch.testing.assert_close(lambda_returns(costs, going_on, values, gamma, 0.0), costs + gamma * values[1:])
     # An end after step 1 (continues 0 there): G_1 = 2 + .5 * 7 (terminal value), G_0 = 1 + .5 * (.5 * 4 + .5 G_1).

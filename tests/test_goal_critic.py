@@ -7,7 +7,7 @@ import torch
 
 from ami.config import GoalConfig
 from ami.learner import episode_bounds, hindsight_goals
-from modules.cost import GoalCritic
+from modules.critic import GoalCritic
 
 
 def test_episode_bounds() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from ami.build import build_planner
 from ami.config import ActorConfig
-from modules.cost import discount_weights
+from modules.critic import discount_weights
 from modules.planners import EnergyFn, shift_plan
 
 GRAVITY, MASS, LENGTH, DT, MAX_SPEED, MAX_TORQUE = 10.0, 1.0, 1.0, 0.05, 8.0, 2.0
