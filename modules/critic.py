@@ -19,7 +19,7 @@ from modules.nn import mlp, soft_update
 
 def lambda_returns(costs: torch.Tensor, continues: torch.Tensor, values: torch.Tensor, discount: float,
                    lam: float, terminal_value: float = 0.0) -> torch.Tensor:
-    """TD(lambda) cost-to-go along an imagined sequence.
+    """TD(lambda) cost-to-go along a sequence (imagined, or real through value_targets).
 
     costs, continues: (H, B); values: (H + 1, B) each state's cost-to-go estimate. G_H = V_H and
     G_t = c_t + discount * [(1 - continues_t) terminal_value + continues_t ((1 - lam) V_t+1 + lam G_t+1)]:
