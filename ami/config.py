@@ -525,7 +525,8 @@ def validate(cfg: DictConfig) -> None:
                 "agent.actor.policy_value_weight"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected a number >= 0 (0 turns it off)")
-    for key in ("agent.perception.latent_dim", "agent.actor.horizon", "agent.actor.iterations",
+    for key in ("agent.perception.latent_dim", "agent.perception.conv_layers", "agent.perception.conv_channels",
+                "agent.actor.horizon", "agent.actor.iterations",
                 "agent.actor.candidates", "agent.world_model.batch_size",
                 "agent.world_model.rollout_horizon", "agent.memory.capacity", "agent.memory.trail_capacity",
                 "agent.memory.trail_every",

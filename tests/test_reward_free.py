@@ -84,6 +84,27 @@ def test_encoder_shapes_for_images_and_dict_observations():
         ImagePerception((60, 60, 1), 0, False, config)
 
 
+@pytest.mark.parametrize("keypoints_only", [True, False])
+def test_the_split_first_convolution_is_the_convolution_of_the_image_and_its_coordinate_channels(keypoints_only):
+    """The encoder convolves the image and the coordinate channels apart (the convolution is linear); it must be
+    the convolution of [image / 255, coordinates] stacked, the whole encoder too, gradients included."""
+    torch.manual_seed(0)
+    config = PerceptionConfig(latent_dim=16, conv_channels=8, keypoints=4, keypoints_only=keypoints_only)
+    encoder = ImagePerception((32, 32, 3), 0, False, config).encoder
+    image = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    stacked = torch.cat([image.permute(0, 3, 1, 2).float() / 255.0, encoder.coordinates.expand(6, -1, -1, -1)], 1)
+    assert torch.allclose(encoder.first_layer(image), encoder.early[0][0](stacked), atol=1e-5)
+    early = encoder.early(stacked)
+    features = [encoder.keypoints(early)] if keypoints_only else [encoder.late(early), encoder.keypoints(early)]
+    reference = encoder.head(torch.cat(features, dim=-1))
+    weight = encoder.early[0][0].weight
+    (expected,) = torch.autograd.grad(reference.square().sum(), weight)
+    latent = encoder(image)
+    (gradient,) = torch.autograd.grad(latent.square().sum(), weight)
+    assert torch.allclose(latent, reference, atol=1e-5)
+    assert torch.allclose(gradient, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_the_world_model_loss_reaches_the_encoder_through_every_term(trained):
     agent = trained.agent
     batch = agent.memory.sample_sequences(4, 3, torch.Generator().manual_seed(0))
