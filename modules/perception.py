@@ -145,12 +145,13 @@ class ConvEncoder(nn.Module):
         self.head = mlp(flat + 2 * config.keypoints + vector_dim, config.hidden_dim, config.latent_dim, layers=1)
 
     def first_layer(self, image: torch.Tensor) -> torch.Tensor:
-        """image: (B, H, W, C) -> the first convolution of [image / 255, coordinates], (B, C', H/2, W/2).
+        """image: (B, H, W, C) -> the first layer (convolution, norm, activation) on [image / 255, coordinates],
+        (B, C', H/2, W/2).
 
         The convolution is linear, so it is split: the image's channels at weight / 255, plus the coordinate
         channels' part, one (1, C', H/2, W/2) map shared by every image. No (B, C + 2, H, W) input is built,
         and the image stays in its (channels-last) layout, which the convolution and the add read fastest."""
-        conv = self.early[0][0]
+        conv, norm, activation = self.early[0]
         x = image.permute(0, 3, 1, 2).float()
         channels = x.shape[1]
         out = nn.functional.conv2d(x, conv.weight[:, :channels] / 255.0, None, conv.stride, conv.padding)
@@ -158,10 +159,10 @@ class ConvEncoder(nn.Module):
                                         conv.padding)
         layout = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) \
             else torch.contiguous_format
-        return out + position.contiguous(memory_format=layout)
+        return activation(norm(out + position.contiguous(memory_format=layout)))
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor | None = None) -> torch.Tensor:
-        early = self.early[1:](self.early[0][1:](self.first_layer(image)))
+        early = self.early[1:](self.first_layer(image))
         features = [] if self.keypoints_only else [self.late(early)]
         if self.keypoints is not None:
             features.append(self.keypoints(early))

@@ -93,7 +93,7 @@ def test_the_split_first_convolution_is_the_convolution_of_the_image_and_its_coo
     encoder = ImagePerception((32, 32, 3), 0, False, config).encoder
     image = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     stacked = torch.cat([image.permute(0, 3, 1, 2).float() / 255.0, encoder.coordinates.expand(6, -1, -1, -1)], 1)
-    assert torch.allclose(encoder.first_layer(image), encoder.early[0][0](stacked), atol=1e-5)
+    assert torch.allclose(encoder.first_layer(image), encoder.early[0](stacked), atol=1e-5)
     early = encoder.early(stacked)
     features = [encoder.keypoints(early)] if keypoints_only else [encoder.late(early), encoder.keypoints(early)]
     reference = encoder.head(torch.cat(features, dim=-1))
