@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="MPPI's samples and iterations for --vs mppi (the rest is ami's config)")
     control.add_argument("--no-progress", action="store_true")
     control.add_argument("--out", default=None, help="output folder (default runs/bench/control__<stamp>)")
+    control.add_argument("--resume", action="store_true",
+                         help="take on the bench in --out: ami runs go on from their checkpoints (to a longer "
+                              "--steps too), a finished SAC run is read back, the rest start again")
     safety = bench.add_parser("safety", help="guarded vs unguarded vs random: return and ground-truth cost")
     safety.add_argument("overrides", nargs="*", help="config overrides for the agents, as for train")
     safety.add_argument("--env", default="hazard_nav", help="an env preset with guardrail terms")
@@ -140,11 +143,13 @@ def _bench(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
         if args.vs not in control.PEERS and args.procs is None:
             load_config([f"env={args.env}", *args.overrides, *args.vs.split(",")])  # a bad override fails here
+        if args.resume and not args.out:
+            raise ConfigError("--resume: expected --out, the folder of the bench to take on")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / "bench" / f"control__{args.env}__{stamp}"
         control.run(args.env, args.steps, args.seeds, args.vs, args.eval_every, args.episodes, args.threshold,
                     args.overrides, out, not args.no_progress, args.oracle, tuple(args.mppi_budget),
-                    args.peer_steps, args.jobs, args.procs)
+                    args.peer_steps, args.jobs, args.procs, args.resume)
         return 0
     if args.repeats < 1:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive number")

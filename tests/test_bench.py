@@ -4,9 +4,11 @@ a CSV that parses (one row per setting, or per method, seed and eval step) and a
 import csv
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 
 def test_bench_planner_writes_table_and_csv(tmp_path):
@@ -152,3 +154,55 @@ def test_bench_safety_needs_guardrails(tmp_path):
                              "--steps", "10", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "no guardrail terms" in result.stderr
+
+
+def test_bench_control_takes_on_a_bench_cut_short_and_extends_it(tmp_path):
+    out = tmp_path / "control"
+    command = [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
+               "train.pretrain_updates=20", "env.max_episode_steps=50", "train.checkpoint_every=100", "--seeds", "0",
+               "--eval-every", "100", "--episodes", "1", "--vs", "sac", "--peer-steps", "200", "--no-progress",
+               "--out", str(out)]
+    # Killed once its first checkpoint is on disk: no chance to save anything more.
+    process = subprocess.Popen([*command, "--steps", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "ami_s0" / "checkpoints" / "latest.pt"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert latest.exists() and not (out / "ami_s0" / "bench_segments.csv").exists()
+    saved_step = int(torch.load(latest, weights_only=False)["loop"]["env_steps"])
+    assert 100 <= saved_step < 200
+
+    again = subprocess.run([*command, "--steps", "200"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr  # a new bench never writes over an old one
+    changed = subprocess.run([*command, "--steps", "200", "--resume", "agent.actor.horizon=4"],
+                             capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "agent.actor.horizon=8, this command's 4" in changed.stderr
+
+    def resume(steps):
+        result = subprocess.run([*command, "--steps", str(steps), "--resume"], capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout, list(csv.DictReader((out / "results.csv").open()))
+
+    stdout, rows = resume(200)
+    assert "seed 0: ami (taken on from its folder)" in stdout and "seed 0: sac\n" in stdout
+    segments = list(csv.DictReader((out / "ami_s0" / "bench_segments.csv").open()))
+    assert [(int(s["from_step"]), int(s["to_step"])) for s in segments] == [(saved_step, 200)]
+    evals = (out / "ami_s0" / "eval.csv").read_text()
+    assert [int(r["step"]) for r in csv.DictReader(evals.splitlines())] == [100, 200]
+    sac = (out / "sac_s0" / "eval.csv").read_text()
+
+    stdout, rows = resume(300)  # ami goes on to 300 steps; SAC, finished, is read back
+    assert "seed 0: sac (taken on from its folder)" in stdout and (out / "sac_s0" / "eval.csv").read_text() == sac
+    assert (out / "ami_s0" / "eval.csv").read_text().startswith(evals)
+    segments = list(csv.DictReader((out / "ami_s0" / "bench_segments.csv").open()))
+    assert [(int(s["from_step"]), int(s["to_step"])) for s in segments] == [(saved_step, 200), (200, 300)]
+    assert sorted((r["method"], int(r["step"])) for r in rows) == [("ami", 100), ("ami", 200), ("ami", 300),
+                                                                    ("sac", 100), ("sac", 200)]
+    # Speed and wall-clock are over both processes' training: their steps over their seconds, their sum.
+    (ami,) = {(float(r["steps_per_s"]), float(r["wall_seconds"])) for r in rows if r["method"] == "ami"}
+    assert ami[0] == pytest.approx((300 - saved_step) / sum(float(s["train_seconds"]) for s in segments), rel=2e-3)
+    assert ami[1] == pytest.approx(sum(float(s["wall_seconds"]) for s in segments), abs=0.06)
+    assert all(float(r["wall_seconds"]) > 0 for r in rows if r["method"] == "sac")
