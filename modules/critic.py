@@ -121,7 +121,11 @@ class TrainableCritic(nn.Module):
         With discount 1 an episode that never terminates has no finite cost-to-go: the value head is not
         trained then (and cannot price plans: the configuration requires value_weight 0), the step head is."""
         step_loss = (self.step_cost(states[:-1], actions) - measured_costs).pow(2).mean()
-        loss, stats = step_loss, {"step_loss": step_loss.detach()}
+        # The share of the measured costs' variance the step head explains (1 - MSE / variance, the batch's R^2):
+        # whether the head fits the env's reward at its scale, which the loss alone does not say.
+        variance = measured_costs.detach().var(correction=0).clamp_min(1e-8)
+        stats = {"step_loss": step_loss.detach(), "step_explained": 1.0 - step_loss.detach() / variance}
+        loss = step_loss
         if self.continuation_head is not None:  # s[t+1] goes on unless transition t terminated
             logits = self.continuation_head(states[1:]).squeeze(-1)
             continuation_loss = nn.functional.binary_cross_entropy_with_logits(logits, 1.0 - terminated.float())

@@ -119,8 +119,9 @@ def test_tensorboard_tags_of_a_tiny_run(cli_run):
     expected = {
         "charts/episodic_return", "charts/episodic_length", "charts/sps", "eval/return_mean",
         *(f"cost/intrinsic/{name}" for name in terms),
-        "cost/critic/value_loss", "world_model/prediction_loss/h1", "world_model/latent_std_mean",
-        "world_model/latent_std_min", "actor/energy_before", "actor/energy_after", "actor/plan_time_ms",
+        "cost/critic/value_loss", "cost/critic/step_explained", "world_model/prediction_loss/h1",
+        "world_model/latent_std_mean", "world_model/latent_std_min", "actor/energy_before", "actor/energy_after",
+        "actor/plan_time_ms",
     }
     missing = expected - cli_run.tags
     assert not missing, f"missing tags {sorted(missing)}; present: {sorted(cli_run.tags)}"

@@ -335,6 +335,28 @@ def test_the_continuation_head_learns_where_real_episodes_end():
     assert continues[0] < 0.1 and (continues[1:] > 0.9).all(), continues
 
 
+def test_step_explained_is_the_share_of_the_measured_costs_variance_the_step_head_fits():
+    """1 for a head that predicts the measured cost exactly, 0 for one that predicts its mean, below 0 for worse."""
+    g = torch.Generator().manual_seed(0)
+    critic = TrainableCritic(3, 1, CostConfig(discount=0.9, critic_hidden_dim=8))
+    states, actions = torch.randn(4, 16, 3, generator=g), torch.randn(3, 16, 1, generator=g)
+    measured = 2.0 * states[:-1, :, 0] + 0.5
+    head = nn.Linear(4, 1)
+    critic.step_head = head
+
+    def explained(weight: list[float], bias: float) -> float:
+        with torch.no_grad():
+            head.weight.copy_(torch.tensor([weight]))
+            head.bias.fill_(bias)
+        return critic.loss(states, actions, torch.zeros(3, 16), measured, torch.zeros(3, 16, dtype=torch.bool)
+                           )[1]["step_explained"].item()
+
+    assert explained([2.0, 0.0, 0.0, 0.0], 0.5) == pytest.approx(1.0, abs=1e-6)
+    assert explained([0.0, 0.0, 0.0, 0.0], measured.mean().item()) == pytest.approx(0.0, abs=1e-6)
+    assert explained([1.0, 0.0, 0.0, 0.0], 0.5) == pytest.approx(0.75, abs=0.05)  # half the slope: 1 - 1/4
+    assert explained([-2.0, 0.0, 0.0, 0.0], 0.5) < -2.0
+
+
 def test_critic_loss_bootstraps_from_target_network():
     torch.manual_seed(0)
     config = CostConfig(discount=0.9, critic_hidden_dim=16)
