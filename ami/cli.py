@@ -13,15 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ami import __version__
-from ami.checkpoint import CheckpointError
 from ami.config import ConfigError, available, load_config
-from ami.envs import UnsupportedEnvError
-from ami.learner import NonFiniteLossError
-from ami.loop import NonFiniteError
-from modules.cost import GuardrailError
 
 if TYPE_CHECKING:
     from ami.train import Trainer
@@ -31,6 +25,20 @@ EXIT_STOPPED = 1  # a run stopped on data it cannot use (a non-finite observatio
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 # Commands whose positional key=value arguments are config overrides (flags may come between them).
 TAKES_OVERRIDES = ("train", "eval", "config", "planner", "control", "safety")
+# The errors a user (or their data) causes, each reported in one line: (module, class, exit status, prefix). A class
+# is looked up only once its module is imported, as an error of it cannot exist before: so `ami config`,
+# `ami --version` and a configuration error never import torch, and answer in a fraction of a second.
+USER_ERRORS = [
+    ("omegaconf.errors", "OmegaConfBaseException", EXIT_USAGE, "configuration error: "),
+    ("ami.validation", "ConfigError", EXIT_USAGE, "configuration error: "),
+    ("modules.cost", "GuardrailError", EXIT_USAGE, "configuration error: "),
+    ("ami.envs", "UnsupportedEnvError", EXIT_USAGE, "configuration error: "),
+    ("builtins", "FileNotFoundError", EXIT_USAGE, ""),
+    ("ami.checkpoint", "CheckpointError", EXIT_USAGE, ""),
+    # The run stopped; its last good checkpoint stays.
+    ("ami.loop", "NonFiniteError", EXIT_STOPPED, "stopped: "),
+    ("ami.learner", "NonFiniteLossError", EXIT_STOPPED, "stopped: "),
+]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,15 +172,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ami.api import AMI
-    from ami.runs import run_config
-
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     if args.resume:
+        from ami.runs import run_config
+
         run_dir = Path(args.resume)
         cfg = run_config(run_dir, overrides)
     else:
-        cfg, run_dir = load_config(overrides), None
+        cfg, run_dir = load_config(overrides), None  # a configuration error stops here, before torch is imported
+    from ami.api import AMI
+
     model = AMI.from_config(cfg, run_dir, resume=bool(args.resume))
     trainer, run_dir = model.trainer, model.trainer.group_dir
     say = print if trainer.group.main else (lambda *_: None)  # a torchrun group speaks through rank 0
@@ -291,15 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a run has saved its checkpoint and printed how to resume
         print("ami: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (OmegaConfBaseException, ConfigError, GuardrailError, UnsupportedEnvError) as error:
-        print(f"ami: configuration error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (FileNotFoundError, CheckpointError) as error:
-        print(f"ami: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (NonFiniteError, NonFiniteLossError) as error:  # the run stopped; its last good checkpoint stays
-        print(f"ami: stopped: {error}", file=sys.stderr)
-        return EXIT_STOPPED
+    except Exception as error:
+        for module, name, status, prefix in USER_ERRORS:
+            loaded = sys.modules.get(module)
+            if loaded is not None and isinstance(error, getattr(loaded, name)):
+                print(f"ami: {prefix}{error}", file=sys.stderr)
+                return status
+        raise  # a bug: its traceback
 
 
 if __name__ == "__main__":

@@ -58,21 +58,18 @@ def test_train_eval_video_and_resume(cli_run):
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert (saved.train.total_steps, saved.agent.name, saved.agent.perception.latent_dim) == (300, "tiny", 16)
 
-    evaluation = ami("eval", run_dir, "--episodes", "2", cwd=cli_run.runs_dir)
+    evaluation = ami("eval", run_dir, "--episodes", "2", "--video", cwd=cli_run.runs_dir)
     assert evaluation.returncode == 0, evaluation.stderr
     assert re.search(r"step 300, 2 episodes from seed \d+: return -?\d+\.\d ± \d+\.\d", evaluation.stdout), \
         evaluation.stdout
-
-    video = ami("eval", run_dir, "--episodes", "1", "--video", cwd=cli_run.runs_dir)
-    assert video.returncode == 0, video.stderr
     videos = list((run_dir / "videos").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 0
-    assert str(videos[0]) in video.stdout
+    assert str(videos[0]) in evaluation.stdout
 
-    resume = ami("train", "--resume", run_dir, "train.total_steps=400", "--no-progress", cwd=cli_run.runs_dir)
+    resume = ami("train", "--resume", run_dir, "train.total_steps=350", "--no-progress", cwd=cli_run.runs_dir)
     assert resume.returncode == 0, resume.stderr
     assert "resuming at step 300" in resume.stdout
-    assert "done: 400 env steps" in resume.stdout
+    assert "done: 350 env steps" in resume.stdout
     assert [p for p in cli_run.runs_dir.iterdir() if p.is_dir()] == [run_dir]  # no new run directory
 
 
@@ -91,6 +88,23 @@ def test_config_errors_exit_2_and_name_the_key(tmp_path, override, named):
     assert not list(tmp_path.iterdir())  # no run was started
     if override == "agent=nope":  # an unknown variant's message lists the choices
         assert "tiny" in result.stderr and "ami_mppi" in result.stderr
+
+
+def test_config_version_and_a_configuration_error_answer_without_importing_torch(tmp_path):
+    """They need no torch, so they answer at once: `ami config`, `ami --version`, and `ami train` with a key
+    that does not exist (exit status 2, its one-line report)."""
+    code = ("import contextlib, io, sys\n"
+            "from ami.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:\n"
+            "    statuses = [main(['config', 'agent=tiny']), main(['train', 'agent.actor.horizonn=3'])]\n"
+            "    try:\n"
+            "        main(['--version'])\n"
+            "    except SystemExit as exit:\n"
+            "        statuses.append(exit.code)\n"
+            "print(statuses, 'horizonn' in err.getvalue(), 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[0,", "2,", "0]", "True", "False"], result.stdout
 
 
 def test_eval_of_a_directory_that_is_not_a_run_exits_2(tmp_path):
