@@ -13,11 +13,11 @@ from ami.loop import EnvLoop
 torch.set_num_threads(1)
 
 PENDULUM_NAMES = ["cos_theta", "sin_theta", "theta_dot"]
-# The files that take longest, longest first (about 330, 140, 100, 60, 50 and 50 s on this 2-core machine):
+# The files that take longest, longest first (about 330, 155, 130, 55, 50 and 45 s on this 2-core machine):
 # pytest-xdist hands files to its two workers in collection order (--no-loadscope-reorder), and a long file
 # handed out last keeps one worker busy while the other idles.
-LONGEST_FIRST = ("test_reward_free.py", "test_training.py", "test_bench.py", "test_docs.py", "test_cli.py",
-                 "test_distributed.py")
+LONGEST_FIRST = ("test_reward_free.py", "test_bench.py", "test_training.py", "test_docs.py", "test_distributed.py",
+                 "test_cli.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -41,12 +41,15 @@ def test_bench_planner_rejects_bad_repeats(tmp_path):
     assert "--repeats" in result.stderr
 
 
+# The tiny agent in 30-step episodes: 30 random steps, then planning; an evaluation every 60 steps.
+SHORT = ["agent=tiny", "train.seed_steps=30", "train.pretrain_updates=20", "env.max_episode_steps=30"]
+
+
 def _control(tmp_path, vs, seeds, *extra):
     out = tmp_path / "control"
     result = subprocess.run(
-        [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
-         "train.pretrain_updates=20", "env.max_episode_steps=50", "--steps", "200", "--seeds", *map(str, seeds),
-         "--eval-every", "100", "--episodes", "2", "--vs", vs, "--threshold", "-2000", "--no-progress",
+        [sys.executable, "-m", "ami.cli", "bench", "control", *SHORT, "--steps", "120", "--seeds", *map(str, seeds),
+         "--eval-every", "60", "--episodes", "2", "--vs", vs, "--threshold", "-2000", "--no-progress",
          "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -54,16 +57,16 @@ def _control(tmp_path, vs, seeds, *extra):
 
 
 # Two seeds against SAC (the table's mean and spread over seeds); one against a config override, two jobs at once.
-@pytest.mark.parametrize(("vs", "seeds", "extra"), [("sac", (0, 1), ["--peer-steps", "300"]),
+@pytest.mark.parametrize(("vs", "seeds", "extra"), [("sac", (0, 1), ["--peer-steps", "180"]),
                                                     ("train.num_envs=2", (0,), ["--jobs", "2"])])
 def test_bench_control_writes_table_csv_and_plot(tmp_path, vs, seeds, extra):
     out, stdout = _control(tmp_path, vs, seeds, *extra)
     rows = list(csv.DictReader((out / "results.csv").open()))
     # One row per (method, seed, eval step); the peer runs its own budget.
     keys = sorted((r["method"], int(r["seed"]), int(r["step"])) for r in rows)
-    budgets = {"ami": 200, vs: 300 if vs == "sac" else 200}
+    budgets = {"ami": 120, vs: 180 if vs == "sac" else 120}
     assert keys == sorted((m, s, step) for m in ("ami", vs) for s in seeds
-                          for step in range(100, budgets[m] + 1, 100))
+                          for step in range(60, budgets[m] + 1, 60))
     # ami's rows are its runs' own evaluations, and its runs are the configured ones.
     for seed in seeds:
         evals = list(csv.DictReader((out / f"ami_s{seed}" / "eval.csv").open()))
@@ -95,7 +98,7 @@ def test_bench_control_sets_one_process_beside_a_torchrun_group(tmp_path):
     out = tmp_path / "procs"
     result = subprocess.run(
         [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=60",
-         "train.pretrain_updates=10", "env.max_episode_steps=50", "--steps", "100", "--seeds", "0", "--eval-every",
+         "train.pretrain_updates=10", "env.max_episode_steps=30", "--steps", "100", "--seeds", "0", "--eval-every",
          "100", "--episodes", "2", "--procs", "2", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -119,8 +122,8 @@ def test_bench_control_names_a_bad_peer_override(tmp_path):
 def test_bench_safety_compares_guarded_unguarded_and_random(tmp_path):
     out = tmp_path / "safety"
     result = subprocess.run(
-        [sys.executable, "-m", "ami.cli", "bench", "safety", "agent=tiny", "train.seed_steps=100",
-         "train.pretrain_updates=10", "env.max_episode_steps=100", "--steps", "300", "--seeds", "0",
+        [sys.executable, "-m", "ami.cli", "bench", "safety", "agent=tiny", "train.seed_steps=60",
+         "train.pretrain_updates=10", "env.max_episode_steps=60", "--steps", "180", "--seeds", "0",
          "--episodes", "3", "--jobs", "2", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -129,7 +132,7 @@ def test_bench_safety_compares_guarded_unguarded_and_random(tmp_path):
         (m, p) for m in ("guarded", "unguarded", "random") for p in ("train", "eval"))
     by = {(r["method"], r["phase"]): r for r in rows}
     for method in ("guarded", "unguarded", "random"):
-        assert int(by[(method, "train")]["episodes"]) == 3 and int(by[(method, "train")]["steps"]) == 300
+        assert int(by[(method, "train")]["episodes"]) == 3 and int(by[(method, "train")]["steps"]) == 180
         assert int(by[(method, "eval")]["episodes"]) == 3
     # The guarded agent pays nothing, in training or evaluation; only it is ever shielded.
     assert float(by[("guarded", "train")]["total_cost"]) == 0 and float(by[("guarded", "eval")]["total_cost"]) == 0
@@ -138,7 +141,7 @@ def test_bench_safety_compares_guarded_unguarded_and_random(tmp_path):
     assert float(by[("random", "train")]["total_cost"]) > 0
     assert "guarded, seed 0: 3/3 evaluation episodes without cost" in result.stdout
     assert "training cost, guarded / unguarded" in result.stdout
-    # Training cost apart for the seed phase (the first 100 steps) and after it; the random policy pays in both.
+    # Training cost apart for the seed phase (the first 60 steps) and after it; the random policy pays in both.
     for method in ("guarded", "unguarded", "random"):
         row = by[(method, "train")]
         assert float(row["seed_cost"]) + float(row["post_seed_cost"]) == pytest.approx(float(row["total_cost"]))
@@ -158,12 +161,11 @@ def test_bench_safety_needs_guardrails(tmp_path):
 
 def test_bench_control_takes_on_a_bench_cut_short_and_extends_it(tmp_path):
     out = tmp_path / "control"
-    command = [sys.executable, "-m", "ami.cli", "bench", "control", "agent=tiny", "train.seed_steps=50",
-               "train.pretrain_updates=20", "env.max_episode_steps=50", "train.checkpoint_every=100", "--seeds", "0",
-               "--eval-every", "100", "--episodes", "1", "--vs", "sac", "--peer-steps", "200", "--no-progress",
-               "--out", str(out)]
+    command = [sys.executable, "-m", "ami.cli", "bench", "control", *SHORT, "train.checkpoint_every=60",
+               "--seeds", "0", "--eval-every", "60", "--episodes", "1", "--vs", "sac", "--peer-steps", "120",
+               "--no-progress", "--out", str(out)]
     # Killed once its first checkpoint is on disk: no chance to save anything more.
-    process = subprocess.Popen([*command, "--steps", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([*command, "--steps", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "ami_s0" / "checkpoints" / "latest.pt"
     deadline = time.monotonic() + 300
     while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -172,11 +174,11 @@ def test_bench_control_takes_on_a_bench_cut_short_and_extends_it(tmp_path):
     process.wait()
     assert latest.exists() and not (out / "ami_s0" / "bench_segments.csv").exists()
     saved_step = int(torch.load(latest, weights_only=False)["loop"]["env_steps"])
-    assert 100 <= saved_step < 200
+    assert 60 <= saved_step < 120
 
-    again = subprocess.run([*command, "--steps", "200"], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([*command, "--steps", "120"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr  # a new bench never writes over an old one
-    changed = subprocess.run([*command, "--steps", "200", "--resume", "agent.actor.horizon=4"],
+    changed = subprocess.run([*command, "--steps", "120", "--resume", "agent.actor.horizon=4"],
                              capture_output=True, text=True, timeout=120)
     assert changed.returncode == 2 and "agent.actor.horizon=8, this command's 4" in changed.stderr
 
@@ -186,23 +188,23 @@ def test_bench_control_takes_on_a_bench_cut_short_and_extends_it(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout, list(csv.DictReader((out / "results.csv").open()))
 
-    stdout, rows = resume(200)
+    stdout, rows = resume(120)
     assert "seed 0: ami (taken on from its folder)" in stdout and "seed 0: sac\n" in stdout
     segments = list(csv.DictReader((out / "ami_s0" / "bench_segments.csv").open()))
-    assert [(int(s["from_step"]), int(s["to_step"])) for s in segments] == [(saved_step, 200)]
+    assert [(int(s["from_step"]), int(s["to_step"])) for s in segments] == [(saved_step, 120)]
     evals = (out / "ami_s0" / "eval.csv").read_text()
-    assert [int(r["step"]) for r in csv.DictReader(evals.splitlines())] == [100, 200]
+    assert [int(r["step"]) for r in csv.DictReader(evals.splitlines())] == [60, 120]
     sac = (out / "sac_s0" / "eval.csv").read_text()
 
-    stdout, rows = resume(300)  # ami goes on to 300 steps; SAC, finished, is read back
+    stdout, rows = resume(180)  # ami goes on to 180 steps; SAC, finished, is read back
     assert "seed 0: sac (taken on from its folder)" in stdout and (out / "sac_s0" / "eval.csv").read_text() == sac
     assert (out / "ami_s0" / "eval.csv").read_text().startswith(evals)
     segments = list(csv.DictReader((out / "ami_s0" / "bench_segments.csv").open()))
-    assert [(int(s["from_step"]), int(s["to_step"])) for s in segments] == [(saved_step, 200), (200, 300)]
-    assert sorted((r["method"], int(r["step"])) for r in rows) == [("ami", 100), ("ami", 200), ("ami", 300),
-                                                                    ("sac", 100), ("sac", 200)]
+    assert [(int(s["from_step"]), int(s["to_step"])) for s in segments] == [(saved_step, 120), (120, 180)]
+    assert sorted((r["method"], int(r["step"])) for r in rows) == [("ami", 60), ("ami", 120), ("ami", 180),
+                                                                    ("sac", 60), ("sac", 120)]
     # Speed and wall-clock are over both processes' training: their steps over their seconds, their sum.
     (ami,) = {(float(r["steps_per_s"]), float(r["wall_seconds"])) for r in rows if r["method"] == "ami"}
-    assert ami[0] == pytest.approx((300 - saved_step) / sum(float(s["train_seconds"]) for s in segments), rel=2e-3)
+    assert ami[0] == pytest.approx((180 - saved_step) / sum(float(s["train_seconds"]) for s in segments), rel=2e-3)
     assert ami[1] == pytest.approx(sum(float(s["wall_seconds"]) for s in segments), abs=0.06)
     assert all(float(r["wall_seconds"]) > 0 for r in rows if r["method"] == "sac")

@@ -114,7 +114,7 @@ def ami(*args, cwd):
 
 
 NAN_RUN = ["train", "agent=tiny", "env.id=nan_env:NaNPendulum-v0", "train.total_steps=300", "train.seed_steps=100",
-           "train.pretrain_updates=10", "train.eval_every=150", "train.eval_episodes=2", "train.log_every=50",
+           "train.pretrain_updates=10", "train.eval_every=150", "train.eval_episodes=1", "train.log_every=50",
            "train.checkpoint_every=100", "progress=false"]
 
 

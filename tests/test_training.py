@@ -31,9 +31,10 @@ VARIANTS = {
     "mode1": ["agent.configurator.mode=auto", "agent.configurator.mode1_gap=100.0", "agent.configurator.audit_every=5"],
     "compiled": ["agent.actor.compile=true"],
 }
-# Two environments, two 100-step episodes each: the checkpoint at env step 200 falls where every episode ends.
-PAIR = ["train.num_envs=2", "env.max_episode_steps=100", "train.checkpoint_every=200", "train.log_every=100",
-        "train.eval_every=400", "train.eval_episodes=2"]
+# Two environments, two 50-step episodes each, planning from env step 40: the checkpoint at env step 100 falls
+# where every episode ends, with the agent planning.
+PAIR = ["train.num_envs=2", "env.max_episode_steps=50", "train.seed_steps=40", "train.checkpoint_every=100",
+        "train.log_every=50", "train.eval_every=200", "train.eval_episodes=2"]
 
 
 def tiny_config(runs_dir, *overrides):
@@ -87,16 +88,16 @@ def agent_modules(agent):
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant_runs(request, tmp_path_factory):
-    """One variant, twice with seed 0: an uninterrupted 400-step run, and the same run stopped at env step 200
-    (every episode just ended) and resumed to 400 in a new Trainer."""
+    """One variant, twice with seed 0: an uninterrupted 200-step run, and the same run stopped at env step 100
+    (every episode just ended) and resumed to 200 in a new Trainer."""
     runs_dir = tmp_path_factory.mktemp(request.param)
     overrides = [*PAIR, *VARIANTS[request.param]]
-    whole = Trainer(tiny_config(runs_dir, *overrides, "train.total_steps=400"), runs_dir / "whole")
+    whole = Trainer(tiny_config(runs_dir, *overrides, "train.total_steps=200"), runs_dir / "whole")
     whole.train()
-    first = Trainer(tiny_config(runs_dir, *overrides, "train.total_steps=200"), runs_dir / "split")
+    first = Trainer(tiny_config(runs_dir, *overrides, "train.total_steps=100"), runs_dir / "split")
     first.train()
     first_scalars = read_scalars(runs_dir / "split")
-    resumed = Trainer(load_saved(runs_dir / "split" / "config.yaml", ["train.total_steps=400"]), runs_dir / "split",
+    resumed = Trainer(load_saved(runs_dir / "split" / "config.yaml", ["train.total_steps=200"]), runs_dir / "split",
                       resume=True)
     start = (resumed.loop.env_steps, resumed.loop.episodes)
     resumed.train()
@@ -111,7 +112,7 @@ def test_the_same_seed_gives_the_same_run(variant_runs):
     whole, first = variant_runs.whole_scalars, variant_runs.first_scalars
     assert "world_model/loss" in whole and "actor/energy_after" in whole
     for tag, series in first.items():
-        assert series == [(step, value) for step, value in whole[tag] if step <= 200], tag
+        assert series == [(step, value) for step, value in whole[tag] if step <= 100], tag
     if variant_runs.name == "mode1":  # the variant does what it says: Mode-1 acts, Mode-2 audits
         modes = [value for _, value in whole["actor/mode"]]
         assert variant_runs.whole.mode1_steps > 0 and max(modes) > 1.0 and min(modes) < 2.0
@@ -119,7 +120,7 @@ def test_the_same_seed_gives_the_same_run(variant_runs):
 
 def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(variant_runs):
     resumed, whole = variant_runs.resumed, variant_runs.whole
-    assert variant_runs.start == (200, 4)  # resumed where every episode had just ended
+    assert variant_runs.start == (100, 4)  # resumed where every episode had just ended
     assert (resumed.loop.env_steps, resumed.loop.episodes) == (whole.loop.env_steps, whole.loop.episodes)
     a, b = variant_runs.whole_scalars, variant_runs.split_scalars
     assert set(a) == set(b)
@@ -127,7 +128,7 @@ def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(variant_runs):
         steps = [step for step, _ in b[tag]]
         assert len(steps) == len(set(steps)), f"{tag}: duplicated steps {steps}"
         assert b[tag] == a[tag], f"{tag}: resumed {b[tag][-3:]} vs uninterrupted {a[tag][-3:]}"
-    assert any(step > 200 for step, _ in a["charts/episodic_return"])
+    assert any(step > 100 for step, _ in a["charts/episodic_return"])
     assert "eval/return_mean" in a  # the evaluation at the end, as well
     assert_same(whole.agent.memory.state_dict(), resumed.agent.memory.state_dict(), "memory")
     assert_same(whole.learner.state_dict(), resumed.learner.state_dict(), "learner")
@@ -138,7 +139,7 @@ def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(variant_runs):
 def test_a_checkpoint_gives_the_same_actions(variant_runs):
     trained = variant_runs.whole.agent
     loaded, _, step = load_agent(variant_runs.runs_dir / "whole")
-    assert step == 400
+    assert step == 200
     for name, module in agent_modules(trained).items():
         assert_same(module.state_dict(), agent_modules(loaded)[name].state_dict(), name)
     assert trained.configurator.state.mode1_acting == loaded.configurator.state.mode1_acting
