@@ -1,4 +1,4 @@
-"""The reward-free run's parts beside the Trainer's phases: what it asks of its env, the frozen encoder's latents of
+"""The reward-free run: its schedule (run by the Trainer), what it asks of its env, the frozen encoder's latents of
 the dataset, and its figures (latent health and a planned trajectory).
 
 `ami train` runs a reward-free schedule when `reward_free.enabled` (the TwoRooms preset sets it): random-action
@@ -8,18 +8,23 @@ the goal critic, all on that data. Offline phases log against the update count: 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import gymnasium as gym
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ami.agent import Agent
+from ami.agent import Agent, storable_observation
 from ami.config import ConfigError
 from ami.envs import UnsupportedEnvError, make_vector_env, observation_kind
 from ami.latent_health import encode, health_report, nearest_frames, side_by_side
 from ami.logger import Logger
 from ami.loop import EnvLoop
+
+if TYPE_CHECKING:
+    from ami.train import Trainer
 
 PROBE_SEED = 2_000_000  # the probe's own episodes: never the dataset's, never the goal benchmark's
 PICTURE_SEED = 12345
@@ -41,6 +46,61 @@ def check_env(cfg: DictConfig, space: gym.Space, agent: Agent) -> None:
     if rf.critic_updates and agent.cost.goal_critic is None:
         raise ConfigError(f"reward_free.critic_updates={rf.critic_updates}: the goal critic needs observations "
                           f"with a goal, and env.id={cfg.env.id!r} has none; set reward_free.critic_updates=0")
+
+
+def collect_dataset(trainer: Trainer, bar: tqdm | None = None) -> None:
+    """The run's data: reward_free.transitions random-action transitions (no reward stored), every stretch ended
+    with its last observation; checkpointed once complete."""
+    rf, memory, loop = trainer.cfg.reward_free, trainer.agent.memory, trainer.loop
+    while len(memory) < rf.transitions:
+        trainer.check_stop()
+        before = loop.env_steps
+        if memory.rows_left < 3:  # a transition, an episode's final frame, the last stretch's end
+            raise ConfigError(f"agent.memory.capacity={trainer.cfg.agent.memory.capacity} is full after "
+                              f"{len(memory)} of reward_free.transitions={rf.transitions} and their episodes' final "
+                              "frames; raise agent.memory.capacity")
+        trainer.env_step(random=True, limit=rf.transitions - len(memory))
+        if bar is not None:
+            bar.update(loop.env_steps - before)
+        if len(memory) >= rf.transitions:
+            memory.end_segments(torch.ones(loop.num_envs, dtype=torch.bool), *storable_observation(loop.obs))
+            trainer.save()
+
+
+def train_offline(trainer: Trainer, bar: tqdm) -> None:
+    """The run's schedule: collect the data, then train on it, encoder and predictor together, the predictor alone
+    on the frozen encoder's latents, then the goal critic; logged, pictured and checkpointed by update count."""
+    rf, learner, logger = trainer.cfg.reward_free, trainer.learner, trainer.logger
+    collect_dataset(trainer, bar)
+    figures = Figures(trainer.cfg, trainer.agent, logger)
+    bar.unit = "update"
+    total = rf.updates + rf.predictor_updates + rf.critic_updates
+    stats: dict = {}
+    latents = goal_data = None
+    while learner.updates < total:
+        trainer.check_stop()
+        if learner.updates < rf.updates:
+            stats = learner.update()
+        else:
+            if latents is None:
+                latents = encode_memory(trainer.agent, trainer.cfg.progress)
+                goal_data = learner.goal_critic_data()
+            stats = learner.update_predictor(latents) if learner.updates < rf.updates + rf.predictor_updates \
+                else learner.update_goal_critic(latents, goal_data)
+        bar.update(1)
+        updates = learner.updates
+        if updates % rf.log_every == 0 or updates == total:
+            logger.scalars(stats, updates)
+            logger.scalar("charts/updates_per_s", trainer.current_rate(), updates)
+            health = figures.log_health(updates)
+            loss = next((f"{v:.3f}" for k, v in stats.items() if k.endswith("_loss") and v is not None), "")
+            bar.set_postfix(loss=loss, **{k: f"{v:.2f}" for k, v in health.items()})
+            trainer.health = health
+        if updates % rf.picture_every == 0 or updates == total:
+            with trainer.agent.fresh_episodes():
+                figures.log_picture(updates)
+        if updates % rf.checkpoint_every == 0:
+            trainer.save()
 
 
 @torch.no_grad()

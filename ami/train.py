@@ -2,7 +2,8 @@
 
 An agent run: random (shielded) proposals for train.seed_steps, pretraining updates, then planning with updates
 interleaved, evaluations and checkpoints. A reward-free run (reward_free.enabled): random-action collection, then
-joint world-model updates, predictor-only updates and goal-critic updates on the stored data. Either resumes from
+joint world-model updates, predictor-only updates and goal-critic updates on the stored data (its schedule is in
+ami/reward_free.py). Either resumes from
 its latest checkpoint, and Ctrl-C saves one before exiting.
 """
 
@@ -111,7 +112,6 @@ class Trainer:
         self.window: dict[str, list[float]] = defaultdict(list)
         self.update_credit = 0.0  # updates owed to the env steps taken so far
         self.checkpoint_due: int | None = None  # the env step at which a checkpoint fell due
-        self.latents: torch.Tensor | None = None  # reward-free: the frozen encoder's latents of every stored row
         self.health: dict[str, float] = {}  # reward-free: the latest latent-health figures
         self.plan_times_ms: list[float] = []  # every planning call of this process, per env step
         self.part_seconds: dict[str, float] = defaultdict(float)  # the current train() call's time by part (time_split)
@@ -225,7 +225,7 @@ class Trainer:
         previous = {number: signal.signal(number, self._request_stop) for number in signals}
         try:
             if self.cfg.reward_free.enabled:
-                self._reward_free(bar)
+                reward_free.train_offline(self, bar)
             else:
                 self._interact(bar)
             self.save()
@@ -253,7 +253,7 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
 
-    def _check_stop(self) -> None:
+    def check_stop(self) -> None:
         if self._stop_agreed if self.group.distributed else self._stop_requested:
             raise KeyboardInterrupt
 
@@ -282,7 +282,7 @@ class Trainer:
         train = self.cfg.train
         stop = False
         while self.loop.env_steps < self.until and not stop:
-            self._check_stop()
+            self.check_stop()
             before = self.loop.env_steps
             step = self.env_step(random=before < train.seed_steps)
             after = self.loop.env_steps
@@ -318,61 +318,7 @@ class Trainer:
                 self.save()
             bar.update(after - before)
 
-    def collect_dataset(self, bar: tqdm | None = None) -> None:
-        """A reward-free run's data: reward_free.transitions random-action transitions (no reward stored), every
-        stretch ended with its last observation; checkpointed once complete."""
-        rf, memory = self.cfg.reward_free, self.agent.memory
-        while len(memory) < rf.transitions:
-            self._check_stop()
-            before = self.loop.env_steps
-            if memory.rows_left < 3:  # a transition, an episode's final frame, the last stretch's end
-                raise ConfigError(f"agent.memory.capacity={self.cfg.agent.memory.capacity} is full after "
-                                  f"{len(memory)} of reward_free.transitions={rf.transitions} and their episodes' "
-                                  "final frames; raise agent.memory.capacity")
-            self.env_step(random=True, limit=rf.transitions - len(memory))
-            if bar is not None:
-                bar.update(self.loop.env_steps - before)
-            if len(memory) >= rf.transitions:
-                self.agent.memory.end_segments(torch.ones(self.loop.num_envs, dtype=torch.bool),
-                                               *storable_observation(self.loop.obs))
-                self.save()
-
-    def _reward_free(self, bar: tqdm) -> None:
-        """Collect random-action data, then train on it: encoder and predictor together, the predictor alone on
-        the frozen encoder's latents, then the goal critic."""
-        rf = self.cfg.reward_free
-        self.collect_dataset(bar)
-        latent_figures = reward_free.Figures(self.cfg, self.agent, self.logger)
-        bar.unit = "update"
-        stats: dict = {}
-        while self.learner.updates < rf.updates + rf.predictor_updates + rf.critic_updates:
-            self._check_stop()
-            if self.learner.updates < rf.updates:
-                stats = self.learner.update()
-            else:
-                if self.latents is None:
-                    self.latents = reward_free.encode_memory(self.agent, self.cfg.progress)
-                    self.goal_data = self.learner.goal_critic_data()
-                stats = self.learner.update_predictor(self.latents) \
-                    if self.learner.updates < rf.updates + rf.predictor_updates \
-                    else self.learner.update_goal_critic(self.latents, self.goal_data)
-            bar.update(1)
-            updates = self.learner.updates
-            done = updates == rf.updates + rf.predictor_updates + rf.critic_updates
-            if updates % rf.log_every == 0 or done:
-                self.logger.scalars(stats, updates)
-                self.logger.scalar("charts/updates_per_s", self._current_rate(), updates)
-                health = latent_figures.log_health(updates)
-                loss = next((f"{v:.3f}" for k, v in stats.items() if k.endswith("_loss") and v is not None), "")
-                bar.set_postfix(loss=loss, **{k: f"{v:.2f}" for k, v in health.items()})
-                self.health = health
-            if updates % rf.picture_every == 0 or done:
-                with self.agent.fresh_episodes():
-                    latent_figures.log_picture(updates)
-            if updates % rf.checkpoint_every == 0:
-                self.save()
-
-    def _current_rate(self) -> float:
+    def current_rate(self) -> float:
         """Env steps (a reward-free run: updates) per second since the last call, evaluations left out."""
         now, progress = time.perf_counter(), self._progress()
         then, before, eval_before = self._last_rate
@@ -385,7 +331,7 @@ class Trainer:
             self.agent.repairs.take()
             return
         step = self.loop.env_steps
-        self.logger.scalar("charts/sps", self._current_rate(), step)
+        self.logger.scalar("charts/sps", self.current_rate(), step)
         self.logger.scalars(stats, step)
         for tag, values in self.window.items():
             self.logger.scalar(tag, float(np.mean(values)), step)

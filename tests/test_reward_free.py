@@ -13,7 +13,7 @@ from ami.envs import make_env, make_vector_env
 from ami.goals import run_goal_episode
 from ami.latent_health import effective_rank, encode, linear_probe_error, relative_prediction_error
 from ami.loop import EnvLoop
-from ami.reward_free import encode_memory, probe_set
+from ami.reward_free import collect_dataset, encode_memory, probe_set
 from ami.train import Trainer
 from modules.perception import ImagePerception
 
@@ -36,7 +36,7 @@ def make_trainer(path, *overrides, updates=0, base=TINY, data=None):
     cfg = load_config([*base, f"runs_dir={path}", f"reward_free.updates={max(updates, 1)}", *overrides])
     trainer = Trainer(cfg, path / "run")
     if data is None:
-        trainer.collect_dataset()
+        collect_dataset(trainer)
     else:
         trainer.agent.memory.load_state_dict(data.agent.memory.state_dict())
     trainer.probe_frames, trainer.probe_positions = probe_set(cfg, cfg.reward_free.probe_frames)
@@ -140,7 +140,7 @@ def test_a_dataset_that_does_not_fit_stops_before_overwriting_any_of_it(tmp_path
     cfg = load_config([*TINY, f"runs_dir={tmp_path}", "reward_free.transitions=5000", "agent.memory.capacity=5000"])
     trainer = Trainer(cfg, tmp_path / "run")
     with pytest.raises(ConfigError, match="agent.memory.capacity=5000 is full"):
-        trainer.collect_dataset()
+        collect_dataset(trainer)
     memory = trainer.agent.memory
     assert int(memory.written.max()) <= memory.rows and (memory.seq[0] == 0).all()  # the first rows are still there
     assert torch.equal(memory.step[0], torch.arange(8))  # each environment's first transition
