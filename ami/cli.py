@@ -41,6 +41,16 @@ USER_ERRORS = [
 ]
 
 
+def one_line(error: Exception) -> str:
+    """The error's message in one line. OmegaConf's goes on with lines that repeat its key and name the schema
+    class: its first line, led by the key."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    key = getattr(error, "full_key", None)
+    if len(lines) > 1 and any(line.strip().startswith("full_key:") for line in lines):
+        return f"{key}: {lines[0]}" if key and key not in lines[0] else lines[0]
+    return " ".join(line.strip() for line in lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ami", description="Autonomous machine intelligence agents.")
     parser.add_argument("--version", action="version", version=f"ami {__version__}")
@@ -304,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         for module, name, status, prefix in USER_ERRORS:
             loaded = sys.modules.get(module)
             if loaded is not None and isinstance(error, getattr(loaded, name)):
-                print(f"ami: {prefix}{error}", file=sys.stderr)
+                print(f"ami: {prefix}{one_line(error)}", file=sys.stderr)
                 return status
         raise  # a bug: its traceback
 

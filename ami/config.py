@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ami.validation import ConfigError, validate
@@ -391,7 +392,10 @@ def _variant(kind: str, name: str) -> DictConfig:
         if not path.is_file():
             raise ConfigError(f"{kind}={name!r}: no such preset; expected one of {available(kind)} or a path to a "
                               "YAML file")
-    preset = OmegaConf.load(path)
+    try:
+        preset = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{kind}={name!r}: {path} is not YAML ({_yaml_problem(error)})") from error
     if not isinstance(preset, DictConfig):
         raise ConfigError(f"{kind}={name!r}: {path} holds a {type(preset).__name__}; expected a mapping such as "
                           "'env: {id: ...}'")
@@ -408,6 +412,28 @@ def _merge(*configs: DictConfig) -> DictConfig:
                           "file (configs/env/*.yaml), not item by item from the command line") from error
 
 
+def _yaml_problem(error: yaml.YAMLError, line: bool = True) -> str:
+    """What YAML could not read, and (line) on which line of the file."""
+    problem = ": ".join(str(part) for part in (getattr(error, "context", None), getattr(error, "problem", None))
+                        if part) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1}" if line and mark is not None else problem
+
+
+def _dotlist(items: list[str]) -> DictConfig:
+    """key=value overrides as a config; a value YAML cannot read is a ConfigError that names its override."""
+    try:
+        return OmegaConf.from_dotlist(items)
+    except yaml.YAMLError:
+        for item in items:
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as error:
+                problem = _yaml_problem(error, line=False)
+                raise ConfigError(f"override {item!r}: its value is not YAML ({problem})") from error
+        raise
+
+
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Resolve a RunConfig from `env=NAME agent=NAME key=value ...` overrides."""
     overrides = list(overrides or [])
@@ -422,7 +448,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         else:
             rest.append(item)
     cfg = _merge(OmegaConf.structured(RunConfig), _variant("env", selection["env"]),
-                 _variant("agent", selection["agent"]), OmegaConf.from_dotlist(rest))
+                 _variant("agent", selection["agent"]), _dotlist(rest))
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -432,7 +458,7 @@ def load_saved(saved: str | Path | DictConfig, overrides: list[str] | None = Non
     """A run's saved config (its config.yaml, or the config a checkpoint holds) back in the schema, with optional
     overrides."""
     cfg = _merge(OmegaConf.structured(RunConfig), saved if isinstance(saved, DictConfig) else OmegaConf.load(saved),
-                 OmegaConf.from_dotlist(list(overrides or [])))
+                 _dotlist(list(overrides or [])))
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -95,8 +95,15 @@ def test_cli_config_error_exits_2_and_names_key(override, named, capsys, tmp_pat
     assert main(args) == 2
     err = capsys.readouterr().err
     assert named in err
-    assert "configuration error" in err
+    assert "configuration error" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())  # no run directory was started
+
+
+def test_a_preset_file_yaml_cannot_read_is_named_with_its_line(tmp_path):
+    broken = tmp_path / "my_env.yaml"
+    broken.write_text("env:\n  id: MyEnv-v0\n  kwargs: {speed: 2\n")
+    with pytest.raises(ConfigError, match=r"my_env.yaml is not YAML \(.*line \d\)"):
+        load_config([f"env={broken}"])
 
 
 def test_cli_subprocess_unknown_variant_exits_2(tmp_path):
