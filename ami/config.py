@@ -392,10 +392,7 @@ def _variant(kind: str, name: str) -> DictConfig:
         if not path.is_file():
             raise ConfigError(f"{kind}={name!r}: no such preset; expected one of {available(kind)} or a path to a "
                               "YAML file")
-    try:
-        preset = OmegaConf.load(path)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{kind}={name!r}: {path} is not YAML ({_yaml_problem(error)})") from error
+    preset = _read_yaml(path, f"{kind}={name!r}: ")
     if not isinstance(preset, DictConfig):
         raise ConfigError(f"{kind}={name!r}: {path} holds a {type(preset).__name__}; expected a mapping such as "
                           "'env: {id: ...}'")
@@ -418,6 +415,14 @@ def _yaml_problem(error: yaml.YAMLError, line: bool = True) -> str:
                         if part) or str(error).splitlines()[0]
     mark = getattr(error, "problem_mark", None)
     return f"{problem}, line {mark.line + 1}" if line and mark is not None else problem
+
+
+def _read_yaml(path: str | Path, what: str = "") -> Any:
+    """A YAML file's content; a file YAML cannot read is a ConfigError that names it (after `what`) and the line."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what}{path} is not YAML ({_yaml_problem(error)})") from error
 
 
 def _dotlist(items: list[str]) -> DictConfig:
@@ -457,7 +462,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 def load_saved(saved: str | Path | DictConfig, overrides: list[str] | None = None) -> DictConfig:
     """A run's saved config (its config.yaml, or the config a checkpoint holds) back in the schema, with optional
     overrides."""
-    cfg = _merge(OmegaConf.structured(RunConfig), saved if isinstance(saved, DictConfig) else OmegaConf.load(saved),
+    cfg = _merge(OmegaConf.structured(RunConfig), saved if isinstance(saved, DictConfig) else _read_yaml(saved),
                  _dotlist(list(overrides or [])))
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)

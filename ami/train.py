@@ -3,8 +3,7 @@
 An agent run: random (shielded) proposals for train.seed_steps, pretraining updates, then planning with updates
 interleaved, evaluations and checkpoints. A reward-free run (reward_free.enabled): random-action collection, then
 joint world-model updates, predictor-only updates and goal-critic updates on the stored data (its schedule is in
-ami/reward_free.py). Either resumes from
-its latest checkpoint, and Ctrl-C saves one before exiting.
+ami/reward_free.py). Either resumes from its latest checkpoint, and Ctrl-C saves one before exiting.
 """
 
 from __future__ import annotations

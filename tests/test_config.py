@@ -8,7 +8,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ami.cli import main
-from ami.config import CONFIG_DIR, ConfigError, load_config
+from ami.config import CONFIG_DIR, ConfigError, load_config, load_saved
 from modules.cost import GuardrailError
 
 BAD_OVERRIDES = [
@@ -99,11 +99,15 @@ def test_cli_config_error_exits_2_and_names_key(override, named, capsys, tmp_pat
     assert not list(tmp_path.iterdir())  # no run directory was started
 
 
-def test_a_preset_file_yaml_cannot_read_is_named_with_its_line(tmp_path):
+def test_a_preset_or_saved_config_yaml_cannot_read_is_named_with_its_line(tmp_path):
     broken = tmp_path / "my_env.yaml"
     broken.write_text("env:\n  id: MyEnv-v0\n  kwargs: {speed: 2\n")
     with pytest.raises(ConfigError, match=r"my_env.yaml is not YAML \(.*line \d\)"):
         load_config([f"env={broken}"])
+    saved = tmp_path / "config.yaml"  # a run's saved config, as ami eval and --resume read it
+    saved.write_text("seed: [0\n")
+    with pytest.raises(ConfigError, match=r"config.yaml is not YAML \(.*line \d\)"):
+        load_saved(saved)
 
 
 def test_cli_subprocess_unknown_variant_exits_2(tmp_path):
