@@ -6,7 +6,8 @@ import gymnasium as gym
 import torch
 
 from ami.agent import Agent
-from ami.config import ActorConfig, AgentConfig, ConfigError
+from ami.config import ConfigError
+from ami.schema import ActorConfig, AgentConfig
 from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
 from modules.cost import Cost, IntrinsicCost

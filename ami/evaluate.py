@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from ami.agent import Agent
-from ami.config import EnvConfig
 from ami.envs import make_vector_env
 from ami.figures import render_episode
 from ami.loop import EnvLoop
 from ami.messages import Action
+from ami.schema import EnvConfig
 
 # Fixed start states for every run, so that scores of different seeds and agents compare.
 EVAL_SEED = 10_000

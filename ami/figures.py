@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ami.agent import Agent
-from ami.config import EnvConfig
 from ami.envs import make_vector_env
 from ami.loop import EnvLoop
 from ami.messages import Percept
+from ami.schema import EnvConfig
 
 MAX_PANELS = 8  # quantities shown: the first ones of the observation
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ami.agent import Agent
-from ami.config import AgentConfig, RewardFreeConfig
 from ami.distributed import Group
+from ami.schema import AgentConfig, RewardFreeConfig
 from modules.actor import BoundEnergy, PlanContext
 from modules.memory import SequenceBatch
 

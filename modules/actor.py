@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ami.config import ActorConfig, GoalConfig
 from ami.messages import Percept, Plan, Task
+from ami.schema import ActorConfig, GoalConfig
 from modules.cost import IntrinsicCost, boredom, latent_goal_distance
 from modules.critic import GoalCritic, TrainableCritic, discount_weights, expected_discounted_cost
 from modules.nn import Repairs, mlp

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ami.config import ConfiguratorConfig
 from ami.messages import Percept, Plan, Task
+from ami.schema import ConfiguratorConfig
 from modules.cost import GuardrailError, latent_goal_distance
 
 GAP_RATE = 0.25  # weight of the newest plan in the running energy gap: a few plans decide, one outlier does not

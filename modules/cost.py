@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ami.config import CostTermConfig
+from ami.schema import CostTermConfig
 from modules.critic import GoalCritic, TrainableCritic
 
 

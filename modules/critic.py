@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ami.config import CostConfig, GoalConfig
+from ami.schema import CostConfig, GoalConfig
 from modules.nn import mlp, soft_update
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ami.config import MemoryConfig
 from ami.messages import Record
+from ami.schema import MemoryConfig
 
 
 @dataclass(frozen=True)

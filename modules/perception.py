@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from ami.config import PerceptionConfig
+from ami.schema import PerceptionConfig
 from modules.nn import mlp, soft_update
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ami.config import ActorConfig
 from ami.messages import Plan
+from ami.schema import ActorConfig
 from modules.nn import AdamSteps, Repairs
 
 EnergyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ami.config import ConfigError, ShieldConfig
+from ami.config import ConfigError
 from ami.messages import ShieldDecision
+from ami.schema import ShieldConfig
 from modules.cost import GuardrailError, IntrinsicCost
 from modules.ego import PointMassEgo
 from modules.nn import AdamSteps

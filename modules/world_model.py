@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ami.config import WorldModelConfig
 from ami.messages import Percept
+from ami.schema import WorldModelConfig
 from modules.nn import mlp
 from modules.perception import ImagePerception, Perception
 

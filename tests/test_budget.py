@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from ami.config import ActorConfig, ConfigError, ConfiguratorConfig, load_config
+from ami.config import ConfigError, load_config
+from ami.schema import ActorConfig, ConfiguratorConfig
 from ami.train import Callback, Trainer
 from modules.configurator import Configurator
 from modules.planners import GradientPlanner

@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ami.config import ConfiguratorConfig, CostConfig, CostTermConfig, RewardFreeConfig, load_config
+from ami.config import load_config
 from ami.envs import make_env
 from ami.learner import Learner
+from ami.schema import ConfiguratorConfig, CostConfig, CostTermConfig, RewardFreeConfig
 from modules.configurator import Configurator
 from modules.cost import GuardrailError, IntrinsicCost
 from modules.critic import TrainableCritic, expected_discounted_cost, lambda_returns, value_targets

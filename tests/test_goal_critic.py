@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ami.config import GoalConfig
 from ami.learner import episode_bounds, hindsight_goals
+from ami.schema import GoalConfig
 from modules.critic import GoalCritic
 
 

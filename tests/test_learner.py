@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from ami.config import RewardFreeConfig
 from ami.learner import Learner, NonFiniteLossError, policy_energy_surrogate
+from ami.schema import RewardFreeConfig
 
 
 def trained_modules(agent):

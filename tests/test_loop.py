@@ -6,9 +6,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from ami.config import EnvConfig
 from ami.envs import make_vector_env
 from ami.loop import EnvLoop, NonFiniteError
+from ami.schema import EnvConfig
 
 INVERTED = EnvConfig(name="inverted_pendulum", id="InvertedPendulum-v5")
 NAN_PENDULUM = EnvConfig(name="nan_pendulum", id="nan_env:NaNPendulum-v0")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ami.config import MemoryConfig
 from ami.messages import Record
+from ami.schema import MemoryConfig
 from modules.memory import ShortTermMemory
 
 OBS_DIM, ACTION_DIM, LATENT_DIM, TERMS = 3, 1, 4, 2

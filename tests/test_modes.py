@@ -3,8 +3,9 @@ Mode-2 audits it, and takes control back when they are not."""
 
 import torch
 
-from ami.config import ConfiguratorConfig, load_config
+from ami.config import load_config
 from ami.messages import Plan
+from ami.schema import ConfiguratorConfig
 from ami.train import Trainer
 from modules.configurator import Configurator
 

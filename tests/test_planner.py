@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ami.config import ActorConfig
 from ami.messages import Percept, Task
+from ami.schema import ActorConfig
 from modules.planners import GradientPlanner, MPPIPlanner
 
 # A stable-ish 3-state, 2-action linear system: s' = A s + B a.

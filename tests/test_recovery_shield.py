@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ami.config import ConfigError, CostTermConfig, ShieldConfig, load_config
+from ami.config import ConfigError, load_config
+from ami.schema import CostTermConfig, ShieldConfig
 from modules.cost import IntrinsicCost
 from modules.shield import ModelTrust, Shield
 

@@ -8,12 +8,13 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ami.build import build_agent
-from ami.config import ConfigError, PerceptionConfig, load_config
+from ami.config import ConfigError, load_config
 from ami.envs import make_env, make_vector_env
 from ami.goals import run_goal_episode
 from ami.latent_health import effective_rank, encode, linear_probe_error, relative_prediction_error
 from ami.loop import EnvLoop
 from ami.reward_free import collect_dataset, encode_memory, probe_set
+from ami.schema import PerceptionConfig
 from ami.train import Trainer
 from modules.perception import ImagePerception
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from test_boredom import bored_plan, two_rooms_agent
 
-from ami.config import ConfigError, ConfiguratorConfig, load_config
+from ami.config import ConfigError, load_config
 from ami.goals import batched
+from ami.schema import ConfiguratorConfig
 from modules.configurator import Configurator
 
 

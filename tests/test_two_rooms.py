@@ -9,10 +9,10 @@ from gymnasium.envs.registration import EnvSpec
 from gymnasium.utils.env_checker import check_env
 
 import ami.envs  # noqa: F401  (registers ami/TwoRooms-v0)
-from ami.config import EnvConfig
 from ami.envs import UnsupportedEnvError, make_env, observation_kind, observation_names
 from ami.envs.pixels import PixelObservation, resize_frame
 from ami.envs.two_rooms import DOT_VALUE, SIZE, WALL_VALUE, TwoRoomsEnv
+from ami.schema import EnvConfig
 
 LAYOUT = {"wall_x": 32.0, "door_y": 20.0}  # door band y in [15, 25]; the dot (radius 1.5) passes for y in [16.5, 23.5]
 

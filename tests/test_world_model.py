@@ -4,8 +4,8 @@ real Pendulum data lowers the multi-step prediction and readout losses."""
 import pytest
 import torch
 
-from ami.config import PerceptionConfig, RewardFreeConfig, WorldModelConfig
 from ami.learner import Learner
+from ami.schema import PerceptionConfig, RewardFreeConfig, WorldModelConfig
 from modules.perception import Perception
 from modules.world_model import WorldModel
 

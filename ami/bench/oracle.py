@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ami.build import build_planner
-from ami.config import ActorConfig
+from ami.schema import ActorConfig
 from modules.critic import discount_weights
 from modules.planners import EnergyFn, shift_plan
 

@@ -20,8 +20,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.wrappers import RescaleAction
 
-from ami.config import EnvConfig
 from ami.envs.pixels import PixelObservation
+from ami.schema import EnvConfig
 
 # MuJoCo picks its OpenGL backend when first imported; headless machines render through EGL.
 # A machine with a display can still choose another backend by setting MUJOCO_GL itself.
