@@ -60,7 +60,7 @@ class Agent:
         percept = self.perceive(obs, with_goal=not random)  # random proposals aim at nothing
         if self.trail is not None:
             self.trail.add(percept.state)
-        task = self.configurator.configure(percept, None if self.trail is None else self.trail.view(), random)
+        task = self.configurator.configure(percept, None if self.trail is None else self.trail.view(), random, explore)
         plan = self.actor.act(percept, task, generator)
         self.configurator.report(plan)
         proposed = self._first_action(plan, explore, generator)

@@ -40,6 +40,7 @@ class Task:
     horizon and iterations are the planning budget; mode is "random" (uniform proposals: the seed phase and
     reward-free collection), "mode1" (the policy alone) or "mode2" (planning).
     visited: (B, V, D) the episode's trail, for the boredom term; boredom_scale: (B,) the factor on its weight.
+    explore: a training step, whose plan may price what the value does not know as a promise (value_optimism).
     """
 
     weights: dict[str, float]
@@ -50,6 +51,7 @@ class Task:
     goal: torch.Tensor | None = None
     visited: torch.Tensor | None = None
     boredom_scale: torch.Tensor | None = None
+    explore: bool = False
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,11 @@ class CostConfig:
     # on states unlike the data (as imagined ones can be), the value is no free lunch.
     value_ensemble: int = 1
     value_pessimism: float = 0.0
+    # Optimism while training (an upper confidence bound, as ensemble explorers use): the plans that choose training
+    # actions price their last state at the value minus value_optimism x the members' spread, so a state the
+    # ensemble disagrees on draws the agent there and the data comes to cover it. Evaluation, the value's targets
+    # and the policy's losses never use it. 0: off.
+    value_optimism: float = 0.0
     # The value trained on imagined states as well: the policy rolled imagined_horizon steps through the world model
     # from each batch's encoded states, TD(imagined_lambda) targets on the plan's own step costs. 0: real states only.
     imagined_horizon: int = 0

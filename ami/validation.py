@@ -78,7 +78,7 @@ def validate(cfg: DictConfig) -> None:
                           "[-1, 1] (the env's bounds are mapped there)")
     for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates",
                 "agent.cost.boredom_weight", "agent.cost.imagined_horizon", "agent.cost.value_pessimism",
-                "agent.actor.policy_value_weight"):
+                "agent.cost.value_optimism", "agent.actor.policy_value_weight"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected a number >= 0 (0 turns it off)")
     for key in ("agent.perception.latent_dim", "agent.perception.conv_layers", "agent.perception.conv_channels",
@@ -113,6 +113,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"agent.cost.value_weight={a.cost.value_weight!r} needs agent.cost.discount < 1: with "
                           "discount 1 an endless episode has no finite value to price a plan's end with; set "
                           "agent.cost.value_weight=0")
+    if a.cost.value_optimism and (a.cost.value_ensemble < 2 or not a.cost.value_weight):
+        raise ConfigError(f"agent.cost.value_optimism={a.cost.value_optimism!r} rewards the value heads' spread, which "
+                          "needs agent.cost.value_ensemble >= 2 and agent.cost.value_weight > 0 (got "
+                          f"{a.cost.value_ensemble} and {a.cost.value_weight})")
     names, guardrails = set(), set()
     for i, term in enumerate(a.cost.terms):
         key = f"agent.cost.terms[{i}]"

@@ -31,8 +31,9 @@ class PlanContext:
     analytic_weights: (T,) the task's weights on the analytic terms (0 on measured ones); use_step_head: the
     task weighs a measured term, which the critic's step head prices on imagined states. Per environment,
     B rows: readout_offset, observation: (B, Q); goal: (B, D); visited: (B, V, D) the episode's trail;
-    boredom_scale: (B,) the configurator's factor on the boredom weight. A new energy term adds its field here
-    and reads it in PlanEnergy.__call__; nothing between them changes.
+    boredom_scale: (B,) the configurator's factor on the boredom weight. explore: a training step's plan, whose last
+    state the critic prices with its optimism. A new energy term adds its field here and reads it in
+    PlanEnergy.__call__; nothing between them changes.
     """
 
     analytic_weights: torch.Tensor
@@ -42,6 +43,7 @@ class PlanContext:
     goal: torch.Tensor | None = None
     visited: torch.Tensor | None = None
     boredom_scale: torch.Tensor | None = None
+    explore: bool = False
 
     PER_ENV = ("readout_offset", "observation", "goal", "visited", "boredom_scale")
 
@@ -109,7 +111,7 @@ class PlanEnergy:
             terminal = (self.intrinsic_cost.analytic_terms(quantities[-1], at_rest) * weights).sum(-1)
             tail = tail + (1 - self.value_weight) * terminal
         if self.value_weight:
-            tail = tail + self.value_weight * self.critic.value(states[-1])
+            tail = tail + self.value_weight * self.critic.value(states[-1], explore=context.explore)
         if self.critic.continuation_head is None:
             energy = (gammas[:-1, None] * step_cost).sum(0) + gammas[-1] * tail
         else:
@@ -189,10 +191,12 @@ class PlanEnergy:
 
     def bind(self, weights: torch.Tensor, readout_offset: torch.Tensor | None = None,
              observation: torch.Tensor | None = None, goal: torch.Tensor | None = None,
-             visited: torch.Tensor | None = None, boredom_scale: torch.Tensor | None = None) -> BoundEnergy:
+             visited: torch.Tensor | None = None, boredom_scale: torch.Tensor | None = None,
+             explore: bool = False) -> BoundEnergy:
         """The energy of one plan: the task's weights (T,), and per environment (B rows) the readout offset and
         observation (B, Q) each (zeros when None), the latent goal (B, D), the episode's trail of visited
-        latents (B, V, D) (memory.EpisodeTrail) and the configurator's factor on the boredom weight (B,)."""
+        latents (B, V, D) (memory.EpisodeTrail) and the configurator's factor on the boredom weight (B,).
+        explore: a training step's plan (the critic's value_optimism applies)."""
         analytic = weights * self.intrinsic_cost.mask("analytic", weights.device)
         use_step_head = bool((weights * self.intrinsic_cost.mask("measured", weights.device)).abs().sum() > 0)
         if self.first_action_cost is not None and observation is None:
@@ -206,7 +210,7 @@ class PlanEnergy:
                     None)
         zeros = None if rows is None else weights.new_zeros(rows, len(self.world_model.observation_names))
         context = PlanContext(analytic, use_step_head, zeros if readout_offset is None else readout_offset,
-                              zeros if observation is None else observation, goal, visited, boredom_scale)
+                              zeros if observation is None else observation, goal, visited, boredom_scale, explore)
         return BoundEnergy(self, context)
 
 
@@ -339,7 +343,7 @@ class Actor:
         if task.mode == "mode2" and (followed := self._follow(state.shape[0])) is not None:
             return followed
         energy_fn = self.energy.bind(task.weight_vector, percept.readout_offset, percept.observation, task.goal,
-                                     task.visited, task.boredom_scale)
+                                     task.visited, task.boredom_scale, task.explore)
         proposal = self.policy.propose(state, self.energy.world_model, task.horizon)
         if task.mode == "mode1":
             start = time.perf_counter()

@@ -87,16 +87,17 @@ class Configurator:
                                                device=self.device)
         return self._weight_vector
 
-    def configure(self, percept: Percept, visited: torch.Tensor | None = None, random: bool = False) -> Task:
+    def configure(self, percept: Percept, visited: torch.Tensor | None = None, random: bool = False,
+                  explore: bool = False) -> Task:
         """visited: (B, V, D) the latents this episode has passed through (memory.EpisodeTrail), passed on
         to the boredom term, with the stall rule's factor on its weight when the rule is on. random: the run's
-        schedule asks for random proposals (the seed phase, reward-free collection)."""
+        schedule asks for random proposals (the seed phase, reward-free collection). explore: a training step."""
         scale = None
         if self.config.stall_patience and visited is not None and percept.goal is not None:
             scale = self.stall_scale(latent_goal_distance(percept.state, percept.goal, "l2"))
         mode = "random" if random else self.mode()
         return Task(self.weights, self.weight_vector, self.horizon, self.iterations, mode, percept.goal, visited,
-                    scale)
+                    scale, explore)
 
     def mode(self) -> str:
         """This step's mode: the configured one, or, with "auto", the switch's (audits included)."""

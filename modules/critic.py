@@ -102,12 +102,14 @@ class TrainableCritic(nn.Module):
             else (self.value_head, self.value_ensemble)
         return torch.stack([member(states).squeeze(-1) for member in (head, *others)])
 
-    def value(self, states: torch.Tensor, target: bool = False) -> torch.Tensor:
-        """states: (..., D) -> (...,): the members' mean + value_pessimism x their std (over members, population)."""
+    def value(self, states: torch.Tensor, target: bool = False, explore: bool = False) -> torch.Tensor:
+        """states: (..., D) -> (...,): the members' mean + value_pessimism x their std (over members, population);
+        explore: minus value_optimism x that std as well, the price a training step's plan puts on its last state."""
         if not len(self.value_ensemble):
             head = self.target_value_head if target else self.value_head
             return head(states).squeeze(-1)
-        return pessimistic(self.member_values(states, target), self.config.value_pessimism)
+        optimism = self.config.value_optimism if explore else 0.0
+        return pessimistic(self.member_values(states, target), self.config.value_pessimism - optimism)
 
     def step_cost(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """states: (..., D), actions: (..., A) -> (...,)."""

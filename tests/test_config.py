@@ -38,6 +38,8 @@ BAD_OVERRIDES = [
     ("env.action_repeat=0", "env.action_repeat"),
     ("agent.cost.value_ensemble=0", "agent.cost.value_ensemble"),
     ("agent.cost.value_pessimism=-1", "agent.cost.value_pessimism"),
+    ("agent.cost.value_optimism=-1", "agent.cost.value_optimism"),
+    ("agent.cost.value_optimism=1", "agent.cost.value_ensemble >= 2"),  # one head has no spread to be optimistic on
     ("agent.cost.imagined_horizon=-1", "agent.cost.imagined_horizon"),
     ("agent.cost.imagined_lambda=1.5", "agent.cost.imagined_lambda"),
 ]

@@ -316,6 +316,34 @@ def test_a_pessimistic_value_ensemble_prices_disagreement_and_plans_by_it(make_a
                                torch.full((4,), cfg.cost.discount ** cfg.actor.horizon * spread))
 
 
+
+def test_value_optimism_prices_disagreement_as_a_promise_on_training_steps_only(make_agent):
+    """Three hand-made members disagreeing by a spread sigma: a training step's plan prices its last state at the
+    value minus value_optimism x sigma, through the whole act path (agent -> configurator -> actor -> energy ->
+    critic); an evaluation step's plan, the critic's targets and its plain value do not."""
+    agent, cfg = make_agent("agent.cost.value_ensemble=3", "agent.cost.value_optimism=2.0",
+                            "agent.configurator.mode=mode1")  # Mode-1's proposal priced as it is: no search noise
+    critic = agent.cost.critic
+    _constant_members([critic.value_head, *critic.value_ensemble], [1.0, 2.0, 3.0])
+    spread = float(np.std([1.0, 2.0, 3.0]))
+    states = torch.randn(5, cfg.perception.latent_dim)
+    torch.testing.assert_close(critic.value(states), torch.full((5,), 2.0))
+    torch.testing.assert_close(critic.value(states, explore=True), torch.full((5,), 2.0 - 2.0 * spread))
+    obs = np.random.default_rng(0).normal(size=(1, 3)).astype(np.float32)
+    training = agent.act(obs, explore=True).plan.energy_after
+    evaluation = agent.act(obs, explore=False).plan.energy_after
+    torch.testing.assert_close(evaluation - training,
+                               torch.full((1,), cfg.cost.discount ** cfg.actor.horizon * 2.0 * spread))
+    # Where the members agree there is nothing to be optimistic about.
+    _constant_members([critic.value_head, *critic.value_ensemble], [2.0, 2.0, 2.0])
+    torch.testing.assert_close(agent.act(obs, explore=True).plan.energy_after,
+                               agent.act(obs, explore=False).plan.energy_after)
+    # The targets' bootstrap stays the plain mean: zero costs, a one-step sequence -> discount x the mean.
+    _constant_members([critic.target_value_head, *critic.target_value_ensemble], [0.0, 4.0, 8.0])
+    _, stats = critic.loss(torch.randn(2, 3, cfg.perception.latent_dim), torch.zeros(1, 3, 1), torch.zeros(1, 3),
+                           torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(stats["value_mean"], torch.tensor(cfg.cost.discount * 4.0))
+
 def test_the_continuation_head_learns_where_real_episodes_end():
     """Trained on real transitions' flags: a state after a termination ends the episode, one after a truncation
     (the time limit) goes on."""
