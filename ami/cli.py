@@ -159,6 +159,11 @@ def _bench(args: argparse.Namespace) -> int:
         for name in ("steps", "eval_every", "episodes", "peer_steps", "jobs", "procs"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive number")
+        # A run shorter than one evaluation interval is never evaluated: the bench would have nothing to show.
+        shortest = min(args.steps, args.peer_steps or args.steps) if args.vs != "none" else args.steps
+        if args.eval_every > shortest:
+            raise ConfigError(f"--eval-every={args.eval_every}: expected at most the shortest run's steps "
+                              f"({shortest}, --steps or --peer-steps), else that run is never evaluated")
         if args.vs not in control.PEERS and args.procs is None:
             load_config([f"env={args.env}", *args.overrides, *args.vs.split(",")])  # a bad override fails here
         if args.resume and not args.out:

@@ -119,6 +119,16 @@ def test_bench_control_names_a_bad_peer_override(tmp_path):
     assert result.returncode == 2 and "train.num_env" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("lengths", [["--steps", "300"], ["--vs", "sac", "--peer-steps", "200"]])
+def test_bench_control_refuses_a_run_shorter_than_one_evaluation(tmp_path, lengths):
+    # Before anything trains: such a run would end with no evaluation to read back.
+    result = subprocess.run([sys.executable, "-m", "ami.cli", "bench", "control", "--eval-every", "500", *lengths,
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--eval-every=500" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_bench_safety_compares_guarded_unguarded_and_random(tmp_path):
     out = tmp_path / "safety"
     result = subprocess.run(
