@@ -13,6 +13,7 @@ from ami.messages import Action, Percept, Plan, Record, Step
 from modules.actor import Actor, ActorEpisodes
 from modules.configurator import Configurator
 from modules.cost import Cost
+from modules.ego import LinearStandIn
 from modules.memory import EpisodeTrail, ShortTermMemory
 from modules.nn import Repairs
 from modules.perception import ImagePerception, Perception
@@ -27,10 +28,14 @@ class Agent:
     def __init__(self, perception: Perception | ImagePerception, world_model: WorldModel, cost: Cost,
                  memory: ShortTermMemory, actor: Actor, configurator: Configurator, shield: Shield,
                  device: torch.device, exploration_std: float = 0.0, trail: EpisodeTrail | None = None,
-                 repairs: Repairs | None = None, trust: ModelTrust | None = None) -> None:
+                 repairs: Repairs | None = None, trust: ModelTrust | None = None,
+                 stand_in: LinearStandIn | None = None, stand_in_trust: ModelTrust | None = None,
+                 stand_in_refit: int = 20) -> None:
         """trail: the short-term memory of this episode's latents, kept when the cost has a boredom term.
         repairs: where every module counts the values it mends (shared with the actor and its planner).
-        trust: the world model's measured error on fresh transitions, which decides when the shield checks it."""
+        trust: the world model's measured error on fresh transitions, which decides when the shield checks it.
+        stand_in: the model the shield looks ahead with until then, fitted to the real transitions here and refit
+        every stand_in_refit of them; stand_in_trust: its own measured error."""
         self.perception = perception
         self.world_model = world_model
         self.cost = cost
@@ -43,6 +48,8 @@ class Agent:
         self.trail = trail
         self.repairs = repairs or Repairs()
         self.trust = trust or ModelTrust(1)
+        self.stand_in, self.stand_in_trust = stand_in, stand_in_trust or ModelTrust(1)
+        self.stand_in_refit, self.stand_in_unfitted = stand_in_refit, 0  # transitions since the last fit
         # The world model's predictions are checked only once it has learned something (and, with a trust bound,
         # once its error on fresh transitions is below it); until then the shield rests on the ego model and the
         # real observation. The learner turns this on with its first update.
@@ -65,12 +72,17 @@ class Agent:
         self.configurator.report(plan)
         proposed = self._first_action(plan, explore, generator)
         trusted = self.shield.trusts(self.trust, self.world_model_trained)
-        warm = self.recovery if trusted and self.recovery is not None \
+        stand_in = self.stand_in if not trusted and self.shield.trusts_stand_in(self.stand_in, self.stand_in_trust) \
+            else None
+        looks_ahead = trusted or stand_in is not None
+        warm = self.recovery if looks_ahead and self.recovery is not None \
             and self.recovery.shape[1] == proposed.shape[0] else None
+        measured = self.trust if trusted else self.stand_in_trust
         decision = self.shield.filter(percept.observation, proposed, percept.state if trusted else None,
                                       self._alternatives(plan), percept.readout_offset, warm, generator,
-                                      self.trust.quantile(0.9) if trusted and self.shield.error_band else 0.0)
-        self.recovery = decision.recovery if trusted else None
+                                      measured.quantile(0.9) if looks_ahead and self.shield.error_band else 0.0,
+                                      stand_in)
+        self.recovery = decision.recovery if looks_ahead else None
         return Action(decision.actions.cpu().numpy(), percept, task, plan, decision,
                       self._predict_guarded(percept, decision.actions))
 
@@ -148,6 +160,9 @@ class Agent:
         if predicted is not None and valid.any():  # a transition no model has trained on yet: held out, for now
             real_next = (next_vector if next_vector is not None else next_obs)[:, self.guardrail_index]
             self.trust.record((predicted - real_next.float()).abs().amax(-1)[valid])
+        if self.stand_in is not None and valid.any():
+            self._fit_stand_in(quantities[valid], action[valid], (next_vector if next_vector is not None
+                                                                  else next_obs)[valid].float())
         if quantities.shape[-1] and valid.any():
             self.perception.normalizer.update(quantities[valid])
         percept, plan = step.action.percept, step.action.plan
@@ -160,6 +175,20 @@ class Agent:
         if step.dropped.any():
             self.memory.end_segments(torch.as_tensor(step.dropped), obs, vector)
         return record
+
+    def _fit_stand_in(self, quantities: torch.Tensor, actions: torch.Tensor, next_quantities: torch.Tensor) -> None:
+        """(n, Q), (n, A), (n, Q) fresh real transitions: scored by the stand-in before it sees them (its trust),
+        then kept, and the stand-in refit every stand_in_refit of them."""
+        stand_in = self.stand_in
+        if stand_in.fitted:
+            index = self.guardrail_index
+            predicted = stand_in.predict(quantities, actions)[:, index]
+            self.stand_in_trust.record((predicted - next_quantities[:, index]).abs().amax(-1))
+        stand_in.add(quantities, actions, next_quantities)
+        self.stand_in_unfitted += len(quantities)
+        if not stand_in.fitted or self.stand_in_unfitted >= self.stand_in_refit:
+            stand_in.fit()
+            self.stand_in_unfitted = 0 if stand_in.fitted else self.stand_in_unfitted
 
     # -- episodes ------------------------------------------------------------------------------------------
     def reset(self, done: torch.Tensor | np.ndarray | None = None) -> None:

@@ -12,6 +12,7 @@ from modules.actor import Actor, PlanEnergy, Policy
 from modules.configurator import Configurator
 from modules.cost import Cost, IntrinsicCost
 from modules.critic import GoalCritic, TrainableCritic
+from modules.ego import LinearStandIn
 from modules.memory import EpisodeTrail, ShortTermMemory
 from modules.nn import Repairs
 from modules.perception import ImagePerception, Perception
@@ -85,8 +86,15 @@ def build_agent(config: AgentConfig, observation: int | gym.Space, action_dim: i
                                 config.actor.horizon, config.actor.iterations, device)
     trail = EpisodeTrail(config.memory.trail_capacity, latent_dim, config.memory.trail_every) \
         if config.cost.boredom_weight else None
+    stand_in = None
+    if shield.active and config.shield.stand_in == "linear":
+        if not observation_names:
+            raise ConfigError("agent.shield.stand_in='linear' models the observation's named quantities; this "
+                              "env's observation has none (pixels alone)")
+        stand_in = LinearStandIn(len(observation_names), action_dim, world_model.ensemble_size)
     return Agent(perception, world_model, cost, memory, actor, configurator, shield, device,
-                 config.actor.exploration_std, trail, repairs, ModelTrust(config.shield.trust_window))
+                 config.actor.exploration_std, trail, repairs, ModelTrust(config.shield.trust_window),
+                 stand_in, ModelTrust(config.shield.trust_window), config.shield.stand_in_refit)
 
 
 def parameter_counts(agent: Agent) -> dict[str, int]:

@@ -246,9 +246,16 @@ def describe(trainer: Trainer) -> str:
             before = [f"actions shrink within {shield.caution:g} of a guardrail's bound"] if shield.caution else []
             before += [f"recovery action {list(shield.recovery_action)} near or past it"] if shield.recovery_action \
                 else []
-            guard += ("\n  no ego model: until the world model is trusted (the seed phase included) nothing predicts "
-                      "where an action leads; " + ("; ".join(before) if before else
-                                                   "the guardrails are only read on the real observation"))
+            before_text = "; ".join(before) if before else "the guardrails are only read on the real observation"
+            if shield.stand_in == "linear":
+                ready = f"its error on fresh ones is below {shield.trust_error:g}" if shield.trust_error \
+                    else "it is fitted"
+                guard += ("\n  no ego model: until the world model is trusted the look-ahead runs on a linear model of "
+                          "the observation fitted to the real transitions so far (the seed phase included), once "
+                          f"{ready}; before that nothing predicts where an action leads; {before_text}")
+            else:
+                guard += ("\n  no ego model: until the world model is trusted (the seed phase included) nothing "
+                          f"predicts where an action leads; {before_text}")
     else:
         guard = "shield: off" + ("" if trainer.agent.cost.intrinsic.guardrail_names else " (no guardrail terms)")
     cfg = trainer.cfg

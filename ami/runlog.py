@@ -99,6 +99,11 @@ class EpisodeLog:
                                                                                 agent.world_model_trained)))
                 if np.isfinite(agent.trust.error):
                     window["safety/model_error"].append(agent.trust.error)
+                if agent.stand_in is not None:  # the linear stand-in: whether the look-ahead may use it, its error
+                    window["safety/stand_in_trusted"].append(float(agent.shield.trusts_stand_in(
+                        agent.stand_in, agent.stand_in_trust)))
+                    if np.isfinite(agent.stand_in_trust.error):
+                        window["safety/stand_in_error"].append(agent.stand_in_trust.error)
         if step.finished:
             self._end(step, env_step)
 

@@ -38,6 +38,8 @@ def agent_state(agent: Agent) -> dict:
     state = agent.configurator.state
     return {"guardrails": [term for term in intrinsic.describe() if term[3]], "intrinsic_cost": intrinsic.describe(),
             "shield": agent.shield.describe(), "modules": modules, "shield_trust": agent.trust.state_dict(),
+            **({"stand_in": {"model": agent.stand_in.state_dict(), "trust": agent.stand_in_trust.state_dict(),
+                             "unfitted": agent.stand_in_unfitted}} if agent.stand_in is not None else {}),
             "configurator": {"weights": agent.configurator.weights, "mode1_acting": state.mode1_acting,
                              "gap": state.gap, "steps_since_audit": state.steps_since_audit,
                              "iterations": agent.configurator.iterations}}
@@ -69,6 +71,10 @@ def load_agent_state(agent: Agent, state: dict, path: Path, cfg: DictConfig) -> 
     agent.world_model_trained = state["learner"]["updates"] > 0
     if "shield_trust" in state:
         agent.trust.load_state_dict(state["shield_trust"])
+    if agent.stand_in is not None and "stand_in" in state:  # the shield's description already matched
+        agent.stand_in.load_state_dict(state["stand_in"]["model"])
+        agent.stand_in_trust.load_state_dict(state["stand_in"]["trust"])
+        agent.stand_in_unfitted = state["stand_in"]["unfitted"]
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> DictConfig:

@@ -282,6 +282,12 @@ class ShieldConfig:
     # the real observation) actions shrink in proportion; within half of it the recovery action is sent.
     caution: float = 0.0
     recovery_action: list[float] = field(default_factory=list)  # a declared safe action; [] for none
+    # Until the world model is trusted the look-ahead can run on a stand-in. "linear": the observation's next
+    # value as a linear function of the observation and action, fitted by least squares to the real transitions
+    # so far and refit every stand_in_refit of them, with as many bootstrap members as the world model has; used
+    # once its own error on fresh transitions is below trust_error. "none": until then, the checks above alone.
+    stand_in: str = "none"
+    stand_in_refit: int = 20
 
 
 @dataclass

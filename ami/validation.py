@@ -64,6 +64,10 @@ def validate(cfg: DictConfig) -> None:
                           "distance >= 0")
     _choice("agent.shield.fallback", a.shield.fallback, ("zero", "brake"))
     _choice("agent.shield.ego.kind", a.shield.ego.kind, ("none", "point_mass"))
+    _choice("agent.shield.stand_in", a.shield.stand_in, ("none", "linear"))
+    if a.shield.stand_in != "none" and not a.shield.recovery_horizon:
+        raise ConfigError(f"agent.shield.stand_in={a.shield.stand_in!r} stands in for the world model in the "
+                          "look-ahead; set agent.shield.recovery_horizon > 0")
     if a.shield.fallback == "brake" and a.shield.ego.kind == "none":
         raise ConfigError("agent.shield.fallback='brake' needs an ego model that knows how to stop; "
                           "set agent.shield.ego.kind (e.g. point_mass) or use fallback=zero")
@@ -97,7 +101,7 @@ def validate(cfg: DictConfig) -> None:
                 "reward_free.probe_frames", "env.image_size", "env.frame_stack", "env.action_repeat",
                 "agent.cost.value_ensemble",
                 "agent.world_model.ensemble_size",
-                "agent.shield.trust_window"):
+                "agent.shield.trust_window", "agent.shield.stand_in_refit"):
         _positive(key, OmegaConf.select(cfg, key))
     if not 0 < a.cost.discount <= 1:
         raise ConfigError(f"agent.cost.discount={a.cost.discount!r}: expected a number in (0, 1]")

@@ -1,7 +1,9 @@
-"""The shield's ego model: a hard-coded model of the agent's own body, known rather than learned.
+"""The shield's models of the agent's own body: a hard-coded ego model, and a fitted linear stand-in.
 
-Where one is declared, a guarantee can rest on it: it bounds where any action can lead, which a learned world
-model cannot promise.
+Where a hard-coded ego model is declared, a guarantee can rest on it: it bounds where any action can lead, which
+a learned world model cannot promise. Where none is, a linear model of the observation, fitted by least squares
+to the real transitions seen so far, can stand in for the world model until the world model is trusted: it fits
+in milliseconds from a few dozen transitions, so the shield can look ahead almost from the first step.
 """
 
 from __future__ import annotations
@@ -108,3 +110,84 @@ class PointMassEgo:
         speed = velocity.norm(dim=-1, keepdim=True)
         needed = (1.0 - self.drag * self.dt) * speed / (self.dt * self.max_accel)
         return -velocity / speed.clamp(min=1e-9) * needed.clamp(max=1.0)
+
+
+class LinearStandIn:
+    """next = q + [q, a, 1] W_e: the observation's next value, linear in the observation and the action, fitted by
+    ridge least squares to the real transitions seen so far (the last `capacity`). Member 0 fits all of them, each
+    other member a bootstrap resample, so the members disagree where the data leave the fit loose. It quacks like
+    the world model where the shield's look-ahead uses one: ensemble_size, step_members and readout, with the
+    observation itself as the state.
+
+    Shapes: Q observation quantities, A actions, E members, R rows, n transitions; F = Q + A + 1 features.
+    """
+
+    def __init__(self, quantities: int, action_dim: int, members: int, capacity: int = 10_000,
+                 ridge: float = 1e-6) -> None:
+        features = quantities + action_dim + 1
+        self.inputs = torch.zeros(capacity, features, dtype=torch.float64)  # ring buffer of [q, a, 1]
+        self.changes = torch.zeros(capacity, quantities, dtype=torch.float64)  # q' - q
+        self.size, self.cursor, self.members, self.ridge = 0, 0, members, ridge
+        self.min_transitions = 2 * features  # fewer and the fit is a guess
+        self.weights: torch.Tensor | None = None  # (E, F, Q), None until fitted
+
+    @property
+    def ensemble_size(self) -> int:
+        return self.members
+
+    @property
+    def fitted(self) -> bool:
+        return self.weights is not None
+
+    def add(self, quantities: torch.Tensor, actions: torch.Tensor, next_quantities: torch.Tensor) -> None:
+        """quantities: (n, Q), actions: (n, A), next_quantities: (n, Q) real transitions; non-finite ones are
+        dropped."""
+        rows = torch.cat([quantities.double(), actions.double(), quantities.new_ones(len(quantities), 1).double()], 1)
+        changes = (next_quantities - quantities).double()
+        keep = rows.isfinite().all(1) & changes.isfinite().all(1)
+        rows, changes, capacity = rows[keep][-len(self.inputs):], changes[keep][-len(self.inputs):], len(self.inputs)
+        slots = (self.cursor + torch.arange(len(rows))) % capacity
+        self.inputs[slots], self.changes[slots] = rows, changes
+        self.cursor = (self.cursor + len(rows)) % capacity
+        self.size = min(self.size + len(rows), capacity)
+
+    def fit(self, generator: torch.Generator | None = None) -> None:
+        """Refit every member on the transitions held; nothing while there are fewer than min_transitions."""
+        if self.size < self.min_transitions:
+            return
+        inputs, changes = self.inputs[:self.size], self.changes[:self.size]
+        weights = []
+        for member in range(self.members):
+            rows = slice(None) if member == 0 else torch.randint(self.size, (self.size,), generator=generator)
+            x, y = inputs[rows], changes[rows]
+            gram = x.T @ x
+            # The ridge scales with the features' own size, so it regularises alike in any units.
+            ridge = self.ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+            weights.append(torch.linalg.solve(gram + ridge, x.T @ y))
+        self.weights = torch.stack(weights).float()
+
+    def predict(self, quantities: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """quantities: (n, Q), actions: (n, A) -> (n, Q) member 0's next observation."""
+        return self.step_members(quantities[None], actions)[0]
+
+    def step_members(self, states: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """states: (E, R, Q) (or (1, R, Q) for member 0 alone), action: (R, A) -> (E, R, Q)."""
+        if self.weights is None:
+            raise RuntimeError("LinearStandIn.step_members before fit(): nothing to predict with yet")
+        weights = self.weights[:len(states)].to(states.device, states.dtype)
+        action = action.to(states.dtype).expand(len(states), -1, -1)
+        rows = torch.cat([states, action, torch.ones_like(states[..., :1])], -1)
+        return states + rows @ weights
+
+    def readout(self, states: torch.Tensor) -> torch.Tensor:
+        """The state is the observation."""
+        return states
+
+    def state_dict(self) -> dict:
+        return {"inputs": self.inputs[:self.size].clone(), "changes": self.changes[:self.size].clone(),
+                "cursor": self.cursor, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        size = len(state["inputs"])
+        self.inputs[:size], self.changes[:size] = state["inputs"], state["changes"]
+        self.size, self.cursor, self.weights = size, state["cursor"], state["weights"]

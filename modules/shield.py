@@ -14,7 +14,9 @@ evaluated on the prediction. Three checks, each where it can be made:
 - the real observation, every step: a guardrail already broken is a signal to recover now. Before the world
   model is trusted (its error on fresh real transitions above a declared bound) this is the only check there
   is: near a guardrail's bound (its slack under `caution`) proposals shrink, and a declared recovery action is
-  sent where the bound is close or broken.
+  sent where the bound is close or broken. With stand_in "linear", a linear model of the observation fitted by
+  least squares to the real transitions so far (modules.ego.LinearStandIn) takes the world model's place in the
+  look-ahead until then, once its own error on fresh transitions is under the trust bound.
 
 Shapes: B environments, M candidate actions per environment, Q observation quantities, A actions, D latent,
 E ensemble members, N the recovery horizon.
@@ -33,7 +35,7 @@ from ami.config import ConfigError
 from ami.messages import ShieldDecision
 from ami.schema import ShieldConfig
 from modules.cost import GuardrailError, IntrinsicCost
-from modules.ego import PointMassEgo
+from modules.ego import LinearStandIn, PointMassEgo
 from modules.nn import AdamSteps
 from modules.world_model import WorldModel
 
@@ -97,7 +99,7 @@ class Shield:
     __slots__ = ("intrinsic_cost", "world_model", "action_dim", "active", "check_world_model", "tolerance",
                  "fallback_kind", "ego", "recovery_horizon", "recovery_iterations", "recovery_lr",
                  "recovery_candidates", "checked_alternatives", "trust_error", "caution", "recovery_action",
-                 "error_band", "_description", "_frozen")
+                 "error_band", "stand_in", "_description", "_frozen")
 
     def __init__(self, config: ShieldConfig, intrinsic_cost: IntrinsicCost, world_model: WorldModel,
                  observation_names: Sequence[str], action_dim: int) -> None:
@@ -119,6 +121,7 @@ class Shield:
         self.trust_error = float(config.trust_error)
         self.caution = float(config.caution)
         self.error_band = float(config.error_band)
+        self.stand_in = str(config.stand_in)
         self.recovery_action = tuple(float(a) for a in config.recovery_action)
         if self.recovery_action and len(self.recovery_action) != action_dim:
             raise ConfigError(f"agent.shield.recovery_action={list(self.recovery_action)}: expected {action_dim} "
@@ -129,7 +132,8 @@ class Shield:
                              config.ego.kind, params, self.recovery_horizon, self.recovery_iterations,
                              self.recovery_lr, self.recovery_candidates, self.checked_alternatives,
                              self.trust_error, self.caution, self.recovery_action, self.error_band,
-                             world_model.ensemble_size if self.recovery_horizon else 1)
+                             world_model.ensemble_size if self.recovery_horizon else 1) \
+            + ((self.stand_in,) if self.stand_in != "none" else ())  # runs saved before stand_in existed resume
         self._frozen = True
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -150,6 +154,12 @@ class Shield:
         """Whether the world model's predictions may be checked: it has trained, and (with a trust_error bound)
         its error on fresh real transitions is below the bound."""
         return trained and self.check_world_model and (self.trust_error <= 0 or trust.error < self.trust_error)
+
+    def trusts_stand_in(self, stand_in: LinearStandIn | None, trust: ModelTrust) -> bool:
+        """Whether the look-ahead may run on the stand-in: there is one, it is fitted, and (with a trust_error
+        bound) its own error on fresh real transitions is below the bound."""
+        return self.active and self.recovery_horizon > 0 and stand_in is not None and stand_in.fitted \
+            and (self.trust_error <= 0 or trust.error < self.trust_error)
 
     def planning_cost(self, observation: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """observation: (B, Q), actions: (B, A) first actions of plans -> (B,) guardrail cost of the
@@ -191,10 +201,11 @@ class Shield:
 
     def recovery(self, latent: torch.Tensor, readout_offset: torch.Tensor, first_actions: torch.Tensor,
                  warm_start: torch.Tensor | None, generator: torch.Generator | None = None,
-                 model_error: float = 0.0) -> Recovery:
+                 model_error: float = 0.0, model: WorldModel | LinearStandIn | None = None) -> Recovery:
         """latent: (B, D), readout_offset: (B, Q), first_actions: (B, M, A), warm_start: (N, B, A) the last
-        recovery advanced one step (None: none yet); model_error: the world model's measured error, which
-        error_band widens into a tube around the prediction -> Recovery.
+        recovery advanced one step (None: none yet); model_error: the model's measured error, which error_band
+        widens into a tube around the prediction; model: the world model (None) or the stand-in, whose state
+        is the observation -> Recovery.
 
         Each checked action is followed by N - 1 actions, and each of recovery_candidates free sequences (the warm
         start, then constant random levels) has N; all of them descend the summed guardrail cost of their worst
@@ -222,7 +233,7 @@ class Shield:
         for k in range(1, self.recovery_iterations + 2):
             with torch.enable_grad():
                 trial = actions.detach().requires_grad_(True)
-                per_step = self._member_costs(start, offset, trial, band)  # (N, rows)
+                per_step = self._member_costs(model or self.world_model, start, offset, trial, band)  # (N, rows)
                 (grad,) = torch.autograd.grad(per_step.sum(), trial)
             worst = per_step.detach().amax(0)
             worst = torch.nan_to_num(worst, nan=float("inf"))
@@ -244,16 +255,16 @@ class Shield:
         return Recovery(worst[:, :checked] <= self.tolerance, worst[:, :checked], sequences[:, :, :checked], plan,
                         worst[:, checked:].gather(1, best_free[:, None]).squeeze(1))
 
-    def _member_costs(self, start: torch.Tensor, offset: torch.Tensor, actions: torch.Tensor,
-                      band: torch.Tensor | None = None) -> torch.Tensor:
+    def _member_costs(self, model: WorldModel | LinearStandIn, start: torch.Tensor, offset: torch.Tensor,
+                      actions: torch.Tensor, band: torch.Tensor | None = None) -> torch.Tensor:
         """start: (R, D), offset: (R, Q), actions: (N, R, A), band: (N,) the tube's width at each step or None
-        -> (N, R) the guardrail cost of each step's predicted state under the worst ensemble member."""
-        members = self.world_model.ensemble_size
+        -> (N, R) the guardrail cost of each step's predicted state under the model's worst member."""
+        members = model.ensemble_size
         states = start[None].expand(members, -1, -1)
         costs = []
         for t, action in enumerate(actions):
-            states = self.world_model.step_members(states, action)
-            quantities = self.world_model.readout(states) + offset
+            states = model.step_members(states, action)
+            quantities = model.readout(states) + offset
             width = None if band is None else band[t]
             costs.append(self.intrinsic_cost.guardrail_cost(quantities, action.expand(members, -1, -1), width).amax(0))
         return torch.stack(costs)
@@ -262,12 +273,13 @@ class Shield:
     def filter(self, quantities: torch.Tensor, proposed: torch.Tensor, latent: torch.Tensor | None = None,
                alternatives: torch.Tensor | None = None, readout_offset: torch.Tensor | None = None,
                warm_start: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               model_error: float = 0.0) -> ShieldDecision:
+               model_error: float = 0.0, stand_in: LinearStandIn | None = None) -> ShieldDecision:
         """quantities: (B, Q) the observation; proposed: (B, A) in [-1, 1]; latent: (B, D), given when the world
         model's prediction should be checked (it is trusted); alternatives: (B, M, A) the planner's other
         candidates' first actions, best first; warm_start: (N, B, A) the last decision's recovery, advanced;
-        model_error: the world model's measured error on fresh transitions (ModelTrust.quantile), for error_band.
-        -> the actions to send, and what was done."""
+        model_error: the checking model's measured error on fresh transitions (ModelTrust.quantile), for
+        error_band; stand_in: the model the look-ahead runs on when latent is None (the world model not trusted),
+        given once it is trusted itself (trusts_stand_in) -> the actions to send, and what was done."""
         proposed = proposed.to(quantities.dtype)
         batch = proposed.shape[0]
         no = torch.zeros(batch, dtype=torch.bool, device=proposed.device)
@@ -279,6 +291,9 @@ class Shield:
         if latent is not None and self.recovery_horizon > 0:
             return self._look_ahead(quantities, proposed, latent, alternatives, readout_offset, warm_start,
                                     breach, generator, model_error)
+        if stand_in is not None and self.recovery_horizon > 0:  # its state is the observation itself
+            return self._look_ahead(quantities, proposed, quantities, alternatives, None, warm_start, breach,
+                                    generator, model_error, stand_in)
         decision = self._one_step(quantities, proposed, latent, alternatives, readout_offset)
         if latent is not None or self.ego is not None:
             return dataclasses.replace(decision, breach=breach)
@@ -333,8 +348,8 @@ class Shield:
 
     def _look_ahead(self, quantities: torch.Tensor, proposed: torch.Tensor, latent: torch.Tensor,
                     alternatives: torch.Tensor | None, readout_offset: torch.Tensor | None,
-                    warm_start: torch.Tensor | None, breach: torch.Tensor,
-                    generator: torch.Generator | None, model_error: float) -> ShieldDecision:
+                    warm_start: torch.Tensor | None, breach: torch.Tensor, generator: torch.Generator | None,
+                    model_error: float, model: LinearStandIn | None = None) -> ShieldDecision:
         """The proposal, then the planner's best alternatives, each checked for a recovery after it; the first
         that has one is sent, else the recovery plan's first action. A guardrail already broken on the real
         observation sends the recovery plan at once."""
@@ -344,7 +359,7 @@ class Shield:
             parts.append(alternatives[:, :self.checked_alternatives].to(proposed.dtype))
         candidates = torch.cat(parts, dim=1).clamp(-1.0, 1.0)  # (B, M, A)
         offset = torch.zeros_like(quantities) if readout_offset is None else readout_offset
-        found = self.recovery(latent, offset, candidates, warm_start, generator, model_error)
+        found = self.recovery(latent, offset, candidates, warm_start, generator, model_error, model)
         passes = found.passes.clone()
         ego_rejected = torch.zeros_like(passes)
         if self.ego is not None:  # the ego model's verdict too, where there is one
