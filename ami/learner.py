@@ -209,6 +209,7 @@ class Learner:
                                     ("temporal_variance", wm.temporal_variance_weight, wm_losses.temporal_variance)):
             if weight:
                 stats[f"world_model/{name}_loss"] = value
+        stats.update({f"world_model/z/{name}": value for name, value in wm_losses.latent_variable.items()})
 
         intrinsic = agent.cost.intrinsic
         if intrinsic.term_names:
@@ -257,11 +258,12 @@ class Learner:
         idx = agent.memory.sample_indices(rf.predictor_batch_size, rf.predictor_horizon, self.generator)
         states = latents[idx].to(agent.device)  # (K + 1, B, D)
         actions = agent.memory.action.flatten(0, 1)[idx[:-1]].to(agent.device)
-        _, loss, by_horizon = self.prediction_loss(states[0], actions, states[1:])
+        _, loss, by_horizon, latent_figures = self.prediction_loss(states[0], actions, states[1:])
         grad_norm = self._step({"predictor": (loss, self.config.world_model.grad_clip)})["predictor"]
         self.updates += 1
         return {"world_model/prediction_loss": loss.detach(),
-                "world_model/prediction_loss_by_horizon": by_horizon.detach(), "world_model/grad_norm": grad_norm}
+                "world_model/prediction_loss_by_horizon": by_horizon.detach(), "world_model/grad_norm": grad_norm,
+                **{f"world_model/z/{name}": value for name, value in latent_figures.items()}}
 
     def goal_critic_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stored rows in time order (N,) flat indices, their episodes' first and last positions (N,) each,

@@ -19,8 +19,8 @@ EPISODE_COLUMNS = ["step", "episode", "return", "length", "cost", "interventions
 EVAL_COLUMNS = ["step", "return_mean", "return_std", "returns", "costs", "interventions"]
 HPARAMS = ("seed", "agent.name", "env.id", "train.num_envs", "agent.actor.planner", "agent.actor.horizon",
            "agent.actor.iterations", "agent.actor.candidates", "agent.perception.latent_dim",
-           "agent.perception.target", "agent.world_model.rollout_horizon", "agent.shield.enabled", "train.total_steps",
-           "reward_free.enabled")
+           "agent.perception.target", "agent.world_model.rollout_horizon", "agent.world_model.z_dim",
+           "agent.shield.enabled", "train.total_steps", "reward_free.enabled")
 
 
 def append_row(path: Path, header: list[str], row: list) -> None:

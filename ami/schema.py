@@ -81,6 +81,15 @@ class WorldModelConfig:
     grad_clip: float = 10.0
     # Predictors of the next latent: the planner uses the first, the shield checks the worst of them all.
     ensemble_size: int = 1
+    # A latent variable z[t] in the predictor, E = D(s[t+1], Pred(s[t], a[t], z[t])): what the past cannot predict
+    # about the next latent (a coin flip, a gust). Training infers it from the transition; planning draws it from a
+    # learned prior p(z | s, a), its likeliest value unless samples are asked for. 0: none, the deterministic model.
+    z_dim: int = 0
+    z_kind: str = "gaussian"  # "gaussian": z in R^z_dim; "discrete": one of z_dim classes
+    # Weight of KL(posterior || prior), the information z carries (nats per step), per latent dimension beside the
+    # mean squared error: z is used where it removes more than z_weight of summed squared error per nat. Without it
+    # the predictor would read the next state off z instead of predicting it.
+    z_weight: float = 0.1
 
 
 @dataclass

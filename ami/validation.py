@@ -65,6 +65,14 @@ def validate(cfg: DictConfig) -> None:
     _choice("agent.shield.fallback", a.shield.fallback, ("zero", "brake"))
     _choice("agent.shield.ego.kind", a.shield.ego.kind, ("none", "point_mass"))
     _choice("agent.shield.stand_in", a.shield.stand_in, ("none", "linear"))
+    _choice("agent.world_model.z_kind", a.world_model.z_kind, ("gaussian", "discrete"))
+    if a.world_model.z_dim < 0 or a.world_model.z_weight < 0:
+        key = "z_dim" if a.world_model.z_dim < 0 else "z_weight"
+        raise ConfigError(f"agent.world_model.{key}={a.world_model[key]!r}: expected a number >= 0 (z_dim 0: no "
+                          "latent variable)")
+    if a.world_model.z_kind == "discrete" and a.world_model.z_dim == 1:
+        raise ConfigError("agent.world_model.z_dim=1 with z_kind='discrete' is one class, a z that says nothing: "
+                          "expected 0 (none) or at least 2 classes")
     if a.shield.stand_in != "none" and not a.shield.recovery_horizon:
         raise ConfigError(f"agent.shield.stand_in={a.shield.stand_in!r} stands in for the world model in the "
                           "look-ahead; set agent.shield.recovery_horizon > 0")

@@ -136,7 +136,7 @@ def test_every_ensemble_member_learns_the_same_dynamics_from_its_own_start():
     assert (spread[0] - spread[1]).abs().max() > 1e-3  # different members, different predictions
     for _ in range(150):
         state, actions, targets = batch()
-        _, loss, _ = model.prediction_loss(state, actions, targets)
+        _, loss, _, _ = model.prediction_loss(state, actions, targets)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
