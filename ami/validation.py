@@ -66,10 +66,6 @@ def validate(cfg: DictConfig) -> None:
     _choice("agent.shield.ego.kind", a.shield.ego.kind, ("none", "point_mass"))
     _choice("agent.shield.stand_in", a.shield.stand_in, ("none", "linear"))
     _choice("agent.world_model.z_kind", a.world_model.z_kind, ("gaussian", "discrete"))
-    if a.world_model.z_dim < 0 or a.world_model.z_weight < 0:
-        key = "z_dim" if a.world_model.z_dim < 0 else "z_weight"
-        raise ConfigError(f"agent.world_model.{key}={a.world_model[key]!r}: expected a number >= 0 (z_dim 0: no "
-                          "latent variable)")
     if a.world_model.z_kind == "discrete" and a.world_model.z_dim == 1:
         raise ConfigError("agent.world_model.z_dim=1 with z_kind='discrete' is one class, a z that says nothing: "
                           "expected 0 (none) or at least 2 classes")
@@ -90,7 +86,8 @@ def validate(cfg: DictConfig) -> None:
                           "[-1, 1] (the env's bounds are mapped there)")
     for key in ("agent.actor.screen_samples", "reward_free.predictor_updates", "reward_free.critic_updates",
                 "agent.cost.boredom_weight", "agent.cost.imagined_horizon", "agent.cost.value_pessimism",
-                "agent.cost.value_optimism", "agent.actor.policy_value_weight"):
+                "agent.cost.value_optimism", "agent.actor.policy_value_weight", "agent.world_model.z_dim",
+                "agent.world_model.z_weight"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected a number >= 0 (0 turns it off)")
     for key in ("agent.perception.latent_dim", "agent.perception.conv_layers", "agent.perception.conv_channels",

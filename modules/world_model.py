@@ -166,15 +166,22 @@ class WorldModel(nn.Module):
         # Made last, so that without it every other part is initialised from the same random stream as before.
         self.latent_variable = LatentVariable(latent_dim, action_dim, config) if config.z_dim else None
 
-    def _z(self, state: torch.Tensor, action: torch.Tensor, noise: torch.Tensor | None) -> list[torch.Tensor]:
-        """The predictor's extra input: [z from the prior at (state, action)], or [] without a latent variable."""
+    @staticmethod
+    def _advance(member: nn.Module, state: torch.Tensor, action: torch.Tensor, z: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """One predictor's step: state (..., D) + member([state, action (..., A), z (..., Z) if any])."""
+        inputs = [state, action] if z is None else [state, action, z]
+        return state + member(torch.cat(inputs, dim=-1))
+
+    def _z(self, state: torch.Tensor, action: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor | None:
+        """The predictor's extra input: z from the prior at (state, action), or None without a latent variable."""
         if self.latent_variable is None:
-            return []
-        return [self.latent_variable.sample(self.latent_variable.prior(state, action), noise)]
+            return None
+        return self.latent_variable.sample(self.latent_variable.prior(state, action), noise)
 
     def step(self, state: torch.Tensor, action: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """state: (B, D), action: (B, A) in [-1, 1], noise: (B, Z) or None -> next state (B, D)."""
-        return state + self.predictor(torch.cat([state, action, *self._z(state, action, noise)], dim=-1))
+        return self._advance(self.predictor, state, action, self._z(state, action, noise))
 
     @property
     def ensemble_size(self) -> int:
@@ -190,10 +197,9 @@ class WorldModel(nn.Module):
         """states: (E, B, D) one state per member, action: (B, A), noise: (E, B, Z) or None -> (E, B, D), member e
         stepping states[e] (with z from the prior at its own state)."""
         members = [self.predictor, *self.ensemble]
-        actions = action.expand(len(members), *action.shape)
-        z = self._z(states, actions, noise)
-        return states + torch.stack([member(torch.cat([state, action, *(part[e] for part in z)], dim=-1))
-                                     for e, (member, state) in enumerate(zip(members, states, strict=True))])
+        z = self._z(states, action.expand(len(members), *action.shape), noise)
+        return torch.stack([self._advance(member, state, action, None if z is None else z[e])
+                            for e, (member, state) in enumerate(zip(members, states, strict=True))])
 
     def rollout(self, state: torch.Tensor, actions: torch.Tensor, noise: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -227,17 +233,17 @@ class WorldModel(nn.Module):
         z = latent.sample(posterior, latent.noise_like(posterior))
         states = [state]
         for k, action in enumerate(actions):
-            states.append(states[-1] + self.predictor(torch.cat([states[-1], action, z[k]], dim=-1)))
+            states.append(self._advance(self.predictor, states[-1], action, z[k]))
         predicted = torch.stack(states)
         prior = latent.prior(predicted[:-1].detach(), actions)  # the prior is asked where planning asks it
         information = latent.kl(posterior, prior)  # (K, B)
         with torch.no_grad():  # how much the first step leans on z, and how far apart the prior's futures lie
-            first = torch.cat([state, actions[0]], dim=-1).detach()
-            draws = latent.sample(prior[0].expand(8, *prior[0].shape), latent.noise_like(prior[0].expand(8, -1, -1)))
-            futures = state.detach() + self.predictor(torch.cat([first.expand(8, -1, -1), draws], dim=-1))
-            figures = {"information": information.mean().detach(),
-                       "usage": latent.usage(posterior.detach(), prior.detach()),
-                       "posterior_error": (predicted[1] - targets[0]).pow(2).mean().detach(),
+            priors = prior[0].expand(8, *prior[0].shape)
+            draws = latent.sample(priors, latent.noise_like(priors))
+            futures = self._advance(self.predictor, state.expand(8, -1, -1), actions[0].expand(8, -1, -1), draws)
+            figures = {"information": information.mean(),
+                       "usage": latent.usage(posterior, prior),
+                       "posterior_error": (predicted[1] - targets[0]).pow(2).mean(),
                        "prior_sample_error": (futures[0] - targets[0]).pow(2).mean(),
                        "spread": futures.std(0).mean()}
         return predicted, z, latent.kl_loss(posterior, prior).mean(), figures
@@ -262,8 +268,7 @@ class WorldModel(nn.Module):
             members = state.detach()[None].expand(len(self.ensemble), -1, -1)
             member_loss = 0.0
             for k, action in enumerate(actions):
-                extra = [] if z is None else [z[k].detach()]
-                members = torch.stack([s + m(torch.cat([s, action, *extra], dim=-1))
+                members = torch.stack([self._advance(m, s, action, None if z is None else z[k].detach())
                                        for m, s in zip(self.ensemble, members, strict=True)])
                 member_loss = member_loss + weights[k] * (members - targets[k].detach()).pow(2).mean()
             loss = loss + member_loss / weights.sum()
